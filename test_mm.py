@@ -1,0 +1,441 @@
+"""Tests for Minimal Mastery: `python test_mm.py` (or `pytest test_mm.py`).
+
+Offline, CPU only, seeded. Each test checks our code against a reference, a closed form or a property
+that a wrong program breaks. Downloads are tested against a local HTTP server on 127.0.0.1 that serves
+fixture files written here in the official formats; nothing here needs ../shared or the internet.
+"""
+import contextlib
+import hashlib
+import http.server
+import io
+import itertools
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import traceback
+import zipfile
+
+import numpy as np
+import torch
+
+import data
+import mm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tmpdir():
+    d = tempfile.mkdtemp(prefix="mm_test_")
+    TMP_DIRS.append(d)
+    return d
+
+
+TMP_DIRS = []
+
+
+def expect_error(fn, *needles):
+    """Run fn, demand a UserError whose one-line message contains every needle; return the message."""
+    try:
+        fn()
+    except data.UserError as e:
+        msg = str(e)
+        assert "\n" not in msg, f"error message is not one line: {msg!r}"
+        for n in needles:
+            assert n in msg, f"{n!r} not in error message {msg!r}"
+        return msg
+    raise AssertionError(f"expected a UserError mentioning {needles}")
+
+
+def quiet(fn, *args, **kw):
+    """Call fn with its stdout and stderr captured; returns (result, captured text)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        out = fn(*args, **kw)
+    return out, buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures in the official on-disk formats
+
+def write_addnist(d, n=(48, 16, 24), seed=0):
+    """AddNIST layout: {split}_x.npy float32 (N,3,28,28), {split}_y.npy int64, plus metadata."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(d, exist_ok=True)
+    for split, k in zip(("train", "valid", "test"), n):
+        np.save(os.path.join(d, f"{split}_x.npy"), rng.normal(size=(k, 3, 28, 28)).astype(np.float32))
+        np.save(os.path.join(d, f"{split}_y.npy"), rng.integers(0, 20, k).astype(np.int64))
+    with open(os.path.join(d, "metadata"), "w") as f:
+        json.dump({"num_classes": 20, "input_shape": [n[0], 3, 28, 28]}, f)
+    return d
+
+
+def addnist_zip_bytes(nested=True):
+    """The article zip, with the files inside a folder of a zip inside the zip (both layouts are handled)."""
+    src = write_addnist(tmpdir())
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        for name in os.listdir(src):
+            z.write(os.path.join(src, name), f"AddNIST/{name}")
+    if not nested:
+        return inner.getvalue()
+    outer = io.BytesIO()
+    with zipfile.ZipFile(outer, "w") as z:
+        z.writestr("AddNIST.zip", inner.getvalue())
+    return outer.getvalue()
+
+
+def cifar100_tar_bytes(n_train=20, n_test=10, seed=0):
+    """cifar-100-python.tar.gz: pickles with bytes keys, b'data' uint8 (N, 3072) channel-major."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for split, n in (("train", n_train), ("test", n_test)):
+            d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"fine_labels": rng.integers(0, 100, n).tolist(), b"coarse_labels": [0] * n,
+                 b"filenames": [b"x.png"] * n, b"batch_label": split.encode()}
+            blob = pickle.dumps(d, protocol=2)
+            info = tarfile.TarInfo(f"cifar-100-python/{split}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+        blob = pickle.dumps({b"fine_label_names": [b"c%d" % i for i in range(100)]}, protocol=2)
+        info = tarfile.TarInfo("cifar-100-python/meta")
+        info.size = len(blob)
+        tar.addfile(info, io.BytesIO(blob))
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def http_server(routes):
+    """Serve {path: (status, body, claimed_length or None)} on 127.0.0.1; yields (base_url, hit counter)."""
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            status, body, claimed = routes.get(self.path, (404, b"not found", None))
+            self.send_response(status)
+            self.send_header("Content-Length", str(claimed or len(body)))
+            self.end_headers()
+            self.wfile.write(body)  # when claimed > len(body), the client sees a truncated transfer
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def patched(module, **values):
+    old = {k: getattr(module, k) for k in values}
+    for k, v in values.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(module, k, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# data.py: downloads
+
+def test_download_good_file_then_cached_offline():
+    body = os.urandom(300_000)
+    md5 = hashlib.md5(body).hexdigest()
+    dest = os.path.join(tmpdir(), "sub", "file.bin")
+    with http_server({"/f": (200, body, None)}) as (url, hits):
+        quiet(data.download, url + "/f", dest, md5=md5, size=len(body))
+        assert len(hits) == 1
+    assert open(dest, "rb").read() == body and not os.path.exists(dest + ".part")
+    # The server is gone now: a file already in place must be used without any network access.
+    assert data.download("http://127.0.0.1:9/gone", dest, md5=md5, size=len(body)) == dest
+
+
+def test_download_wrong_checksum_is_kept_aside():
+    dest = os.path.join(tmpdir(), "file.bin")
+    with http_server({"/f": (200, b"not the real bytes", None)}) as (url, hits):
+        expect_error(lambda: quiet(data.download, url + "/f", dest, md5="0" * 32), "md5", ".bad")
+        assert not os.path.exists(dest) and os.path.exists(dest + ".bad")
+        assert not os.path.exists(dest + ".part")
+        # The bad file is never reused: the next call fetches again (and fails again, here).
+        expect_error(lambda: quiet(data.download, url + "/f", dest, md5="0" * 32), "md5")
+        assert len(hits) == 2
+
+
+def test_download_sha256_prefix_accepted():
+    body = b"weights" * 1000
+    dest = os.path.join(tmpdir(), "w.pth")
+    with http_server({"/w": (200, body, None)}) as (url, _):
+        quiet(data.download, url + "/w", dest, sha256=hashlib.sha256(body).hexdigest()[:8])
+    assert os.path.getsize(dest) == len(body)
+
+
+def test_download_truncated_leaves_nothing():
+    dest = os.path.join(tmpdir(), "file.bin")
+    with http_server({"/f": (200, b"x" * 1000, 5000)}) as (url, _):
+        msg = expect_error(lambda: quiet(data.download, url + "/f", dest), "by hand", dest)
+    assert "truncated" in msg or "broke off" in msg, msg
+    assert not os.path.exists(dest) and not os.path.exists(dest + ".part")
+
+
+def test_download_server_error_and_no_network():
+    dest = os.path.join(tmpdir(), "file.bin")
+    with http_server({"/f": (500, b"oops", None)}) as (url, _):
+        expect_error(lambda: quiet(data.download, url + "/f", dest), "HTTP 500", "put it at " + dest)
+    with http_server({}) as (url, _):
+        closed = url  # the port is free again once the server has shut down
+    expect_error(lambda: quiet(data.download, closed + "/f", dest), "no network", "put it at " + dest)
+    assert not os.path.exists(dest) and not os.path.exists(dest + ".part")
+
+
+# ---------------------------------------------------------------------------------------------
+# data.py: AddNIST and CIFAR-100 parsing
+
+def test_addnist_zip_download_extract_and_load():
+    for nested in (True, False):
+        root = tmpdir()
+        with http_server({"/addnist": (200, addnist_zip_bytes(nested), None)}) as (url, hits):
+            with patched(data, ADDNIST_URL=url + "/addnist"):
+                (x, y), _ = quiet(data.load_split, "addnist", "train", root)
+                assert x.dtype == np.float32 and x.shape == (48, 3, 28, 28) and y.dtype == np.int64
+                xt, yt = data.load_test("addnist", root)
+                assert xt.shape == (24, 3, 28, 28) and len(hits) == 1  # unpacked once, then cached
+        ref = write_addnist(tmpdir())  # same seed: the arrays must round-trip bit for bit
+        assert np.array_equal(x, np.load(os.path.join(ref, "train_x.npy")))
+        assert sorted(os.listdir(root)) == ["addnist"], os.listdir(root)  # no .part, .tmp or zip left
+
+
+def test_addnist_folder_accepted_and_test_split_guarded():
+    root = write_addnist(tmpdir())
+    x, y = data.load_split("addnist", "valid", root)  # a folder of the six files is used as is
+    assert x.shape == (16, 3, 28, 28)
+    expect_error(lambda: data.load_split("addnist", "test", root), "load_test")
+    expect_error(lambda: data.load_split("cifar100", "test", root), "load_test")
+
+
+def test_addnist_bad_inputs():
+    root = write_addnist(tmpdir())
+    np.save(os.path.join(root, "train_x.npy"), np.zeros((4, 28, 28, 3), np.float32))
+    expect_error(lambda: data.load_split("addnist", "train", root), "train_x.npy", "(N, 3, 28, 28)")
+    np.save(os.path.join(root, "train_x.npy"), np.zeros((48, 3, 28, 28), np.float64))
+    expect_error(lambda: data.load_split("addnist", "train", root), "float64")
+    np.save(os.path.join(root, "valid_y.npy"), np.zeros(16, np.int32))
+    expect_error(lambda: data.load_split("addnist", "valid", root), "valid_y.npy", "int64")
+    os.remove(os.path.join(root, "test_y.npy"))
+    expect_error(lambda: data.load_split("addnist", "valid", root), "test_y.npy")  # incomplete folder
+    with open(os.path.join(write_addnist(tmpdir()), "train_y.npy"), "r+b") as f:  # corrupt header
+        f.write(b"garbage!")
+    expect_error(lambda: data.load_split("addnist", "train", os.path.dirname(f.name)), "train_y.npy")
+
+
+def test_addnist_corrupt_zip():
+    root = tmpdir()
+    with http_server({"/z": (200, b"PK\x03\x04 this is not a zip", None)}) as (url, _):
+        with patched(data, ADDNIST_URL=url + "/z"):
+            expect_error(lambda: quiet(data.load_split, "addnist", "train", root), "addnist.zip", ".bad")
+    assert not os.path.exists(os.path.join(root, "addnist"))
+
+
+def test_cifar100_parse_and_errors():
+    blob = cifar100_tar_bytes()
+    root = tmpdir()
+    with http_server({"/c": (200, blob, None)}) as (url, _):
+        with patched(data, CIFAR100_URL=url + "/c", CIFAR100_MD5=hashlib.md5(blob).hexdigest(),
+                     CIFAR100_BYTES=len(blob)):
+            (x, y), _ = quiet(data.load_split, "cifar100", "train", root)
+            xt, yt = data.load_test("cifar100", root)
+    assert x.shape == (20, 3, 32, 32) and x.dtype == np.uint8 and y.dtype == np.int64
+    assert xt.shape == (10, 3, 32, 32)
+    # Channel-major rows: the first 1024 bytes are the red plane, row by row.
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        raw = pickle.load(tar.extractfile("cifar-100-python/train"), encoding="bytes")
+    assert np.array_equal(x[3, 0, 1, :], raw[b"data"][3, 32:64])
+    assert np.array_equal(x[3, 2, 0, :], raw[b"data"][3, 2048:2080])
+    assert y.tolist() == raw[b"fine_labels"]
+    # A truncated archive that somehow passed (no checksum to catch it) still gives a one-line error.
+    bad_root = tmpdir()
+    with open(os.path.join(bad_root, "cifar-100-python.tar.gz"), "wb") as f:
+        f.write(blob[: len(blob) // 2])
+    with patched(data, CIFAR100_MD5="", CIFAR100_BYTES=None):
+        expect_error(lambda: data.load_split("cifar100", "train", bad_root), "corrupt")
+    # With the real checksum, the same file is refused and moved aside.
+    expect_error(lambda: data.load_split("cifar100", "train", bad_root), ".bad")
+    assert not os.path.exists(os.path.join(bad_root, "cifar-100-python.tar.gz"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The classifier's pieces against references
+
+def test_sum_log_probs_matches_brute_force():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3, 10, dtype=torch.float64) * 3
+    ours = mm.sum_log_probs(logits).double()
+    p = torch.softmax(logits, -1).numpy()
+    for b in range(5):
+        ref = np.zeros(28)
+        for i, j, k in itertools.product(range(10), repeat=3):
+            ref[i + j + k] += p[b, 0, i] * p[b, 1, j] * p[b, 2, k]
+        np.testing.assert_allclose(ours[b].exp().numpy(), ref[1:21], rtol=1e-5, atol=1e-7)
+    print(f"OK sum_log_probs vs brute force (maxdiff {abs(ours[b].exp().numpy() - ref[1:21]).max():.1e})")
+
+
+def test_sum_head_reads_certain_digits():
+    digits = torch.tensor([[0, 0, 1], [9, 9, 2], [3, 4, 5], [1, 8, 0]])  # sums 1, 20, 12, 9
+    logits = torch.nn.functional.one_hot(digits, 10).float() * 50  # (4, 3, 10), near-certain digits
+    assert mm.sum_log_probs(logits).argmax(1).tolist() == (digits.sum(1) - 1).tolist()
+
+
+def test_augment_identity_and_background():
+    cfg = mm.ClassifyConfig(shift=0, rotate=0, zoom=0)
+    x = torch.randn(4, 3, 28, 28)
+    assert torch.allclose(mm.augment_digits(x, cfg, -0.5), x, atol=1e-5)  # no warp -> the same image
+    cfg = mm.ClassifyConfig(shift=3, rotate=20, zoom=0.2)
+    blank = torch.full((4, 3, 28, 28), -0.4242)
+    assert torch.allclose(mm.augment_digits(blank, cfg, -0.4242), blank, atol=1e-5)  # canvas stays blank
+    torch.manual_seed(0)
+    y = mm.augment_digits(x, cfg, -0.5)
+    assert not torch.allclose(y[:, 0], y[:, 1] + (x[:, 0] - x[:, 1]), atol=1e-2)  # channels warp apart
+
+
+def test_budget_penalty_rules():
+    p = mm.budget_penalty
+    assert p(99_999, 100_000, False) == 0 and p(100_000, 100_000, False) == 5  # "< 100,000"
+    assert p(110_000, 100_000, False) == 5 and p(150_000, 100_000, False) == 25  # the coursework's examples
+    assert p(110_001, 100_000, False) == 10  # part of a further 10 % costs 5 more
+    assert p(10_000, 10_000, True) == 0 and p(10_001, 10_000, True) == 5 and p(20_000, 10_000, True) == 50
+    assert mm.count_params(mm.make_classifier(mm.ClassifyConfig())) < mm.PARAM_LIMIT  # the default fits
+
+
+def tiny_cfg(root, out, **kw):
+    base = dict(data_dir=root, out=out, arch="8,M,16", batch_size=8, steps=6, eval_every=3, log_every=3,
+                eval_train=32, warmup=2, device="cpu")
+    return mm.ClassifyConfig(**{**base, **kw})
+
+
+def test_budgets_refused_unless_penalty_accepted():
+    root = write_addnist(tmpdir())
+    big = tiny_cfg(root, tmpdir(), arch="64,M,128,M,128")
+    expect_error(lambda: quiet(mm.classify, big), "parameters", "--allow-penalty", "-")
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, tmpdir(), steps=10_001)), "10,001", "-5 marks")
+    # With the penalty accepted the run goes ahead and says what it costs. (Limit shrunk to keep it fast.)
+    with patched(mm, STEP_LIMIT=4):
+        m, out = quiet(mm.classify, tiny_cfg(root, tmpdir(), steps=6, allow_penalty=True))
+    assert "-25 marks" in out and m["steps"] == 6, out  # 6 steps is 50 % over 4: 5 x 5
+
+
+def test_overfits_a_tiny_batch():
+    root = write_addnist(tmpdir(), n=(16, 16, 16))
+    cfg = tiny_cfg(root, tmpdir(), arch="16,M,32,M,64", batch_size=16, steps=120, lr=1e-2, warmup=10, shift=0, rotate=0, zoom=0,
+                   ema=0, weight_decay=0, eval_every=120, log_every=120)
+    m, _ = quiet(mm.classify, cfg)
+    assert m["train_acc_mean"] == 1.0 and m["train_loss_mean"] < 0.05, m["train_loss_mean"]
+    assert m["test_acc_mean"] < 0.5  # random labels: nothing to generalise, so the test set stays near chance
+
+
+def test_seeded_runs_are_deterministic():
+    root = write_addnist(tmpdir())
+    a, _ = quiet(mm.classify, tiny_cfg(root, tmpdir()))
+    b, _ = quiet(mm.classify, tiny_cfg(root, tmpdir()))
+    c, _ = quiet(mm.classify, tiny_cfg(root, tmpdir(), seed=1))
+    assert a["per_run"][0]["curves"] == b["per_run"][0]["curves"] and a["train_loss_mean"] == b["train_loss_mean"]
+    assert a["train_loss_mean"] != c["train_loss_mean"]
+
+
+def test_resume_is_exact_and_keeps_the_budget():
+    root = write_addnist(tmpdir())
+    straight, _ = quiet(mm.classify, tiny_cfg(root, out1 := tmpdir()))
+    # Interrupted after 3 of 6 steps, then resumed: the same batches, noise and weights as straight through.
+    assert quiet(mm.classify, tiny_cfg(root, out2 := tmpdir(), pause_at=3))[0] is None
+    assert torch.load(os.path.join(out2, "run0", "ckpt.pt"), weights_only=False)["step"] == 3
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out2)), "--resume")  # never overwrites silently
+    resumed, log = quiet(mm.classify, tiny_cfg(root, out2, resume=True))
+    assert "resuming seed 0 from step 3" in log
+    a = torch.load(os.path.join(out1, "run0", "ckpt.pt"), weights_only=False)
+    b = torch.load(os.path.join(out2, "run0", "ckpt.pt"), weights_only=False)
+    assert b["step"] == 6  # 3 + the remaining 3, not 3 + 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert resumed["per_run"][0]["curves"] == straight["per_run"][0]["curves"]
+    # Resuming cannot buy more steps than the budget, nor fewer than were already taken.
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out2, resume=True, steps=10_001)), "budget")
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out2, resume=True, steps=4)), "already taken 6")
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out2, resume=True, arch="8,M,8")), "--arch")
+    again, log = quiet(mm.classify, tiny_cfg(root, out2, resume=True))  # finished: nothing is retrained
+    assert "already finished" in log and again["test_acc_mean"] == straight["test_acc_mean"]
+
+
+def test_outputs_metrics_and_plot():
+    root = write_addnist(tmpdir())
+    out = tmpdir()
+    m, log = quiet(mm.classify, tiny_cfg(root, out, runs=2))
+    assert "> Number of parameters" in log and "mean ± std (n=2)" in log
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    for key in ("params", "steps", "runs", "train_loss_mean", "train_loss_std", "train_acc_mean", "train_acc_std",
+                "test_acc_mean", "test_acc_std"):
+        assert key in saved, key
+    accs = [r["test_acc"] for r in saved["per_run"]]
+    assert saved["runs"] == 2 and abs(saved["test_acc_mean"] - np.mean(accs)) < 1e-12
+    assert abs(saved["test_acc_std"] - np.std(accs, ddof=1)) < 1e-12
+    assert saved["per_run"][0]["curves"]["step"] == [3, 6]
+    from PIL import Image
+    img = Image.open(os.path.join(out, "accuracy.png"))
+    assert img.size == (800, 500) and len(img.getcolors(1 << 16)) > 3  # something was drawn
+
+
+def test_cli_help_and_one_line_errors():
+    helps = mm.field_help(mm.ClassifyConfig)
+    assert set(helps) == {f.name for f in mm.fields(mm.ClassifyConfig)}  # every knob is documented
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(HERE, "mm.py"), *a], capture_output=True,
+                                    text=True, timeout=120)
+    r = run("classify", "--help")
+    assert r.returncode == 0 and "--allow-penalty" in r.stdout and "--resume" in r.stdout
+    root = write_addnist(tmpdir())
+    for args, needle in ((["--arch", "32,X"], "--arch"), (["--device", "cuda"], "cuda"),
+                         (["--steps", "0"], "--steps"), (["--batch-size", "4096"], "--batch-size")):
+        if needle == "cuda" and torch.cuda.is_available():
+            continue
+        r = run("classify", "--data-dir", root, "--out", tmpdir(), *args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    tests = [(n, f) for n, f in list(globals().items()) if n.startswith("test_") and callable(f)]
+    only = sys.argv[1:]
+    passed = failed = 0
+    t_all = time.time()
+    for name, fn in tests:
+        if only and not any(o in name for o in only):
+            continue
+        t = time.time()
+        try:
+            fn()
+            passed += 1
+            print(f"OK {name} ({time.time() - t:.1f}s)", flush=True)
+        except Exception:
+            failed += 1
+            traceback.print_exc()
+            print(f"FAIL {name}", flush=True)
+    for d in TMP_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
+    print(f"({time.time() - t_all:.0f}s)")
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed or not passed else 0)
