@@ -39,6 +39,13 @@ class UserError(Exception):
     """A problem with the user's input or environment: printed as one line, never as a traceback."""
 
 
+def fmt_time(seconds):
+    """Seconds as m:ss, or h:mm:ss past an hour: for progress lines and ETAs."""
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 def data_root(data_dir=None):
     """The cache root: the explicit argument, else $MM_DATA, else ./data."""
     return os.path.abspath(data_dir or os.environ.get("MM_DATA") or "data")
@@ -95,10 +102,10 @@ def download(url, dest, md5=None, sha256=None, size=None, quiet=False):
                     if not quiet and (now - last > 1 or done == total):
                         last = now
                         rate = done / max(now - t0, 1e-9)
-                        eta = (total - done) / rate if total else 0
+                        eta = fmt_time((total - done) / rate) if total else "?"
                         pct = f"{100 * done / total:5.1f}%" if total else ""
                         print(f"\rdownloading {os.path.basename(dest)} {pct} {done / 1e6:,.1f} MB "
-                              f"{rate / 1e6:.1f} MB/s eta {eta:.0f}s", end="", file=sys.stderr, flush=True)
+                              f"{rate / 1e6:.1f} MB/s eta {eta}", end="", file=sys.stderr, flush=True)
         if not quiet:
             print(file=sys.stderr)
     except requests.RequestException as e:

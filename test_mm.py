@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import data
+import fid
 import mm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -413,6 +414,146 @@ def test_cli_help_and_one_line_errors():
         r = run("classify", "--data-dir", root, "--out", tmpdir(), *args)
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# fid.py: the distance in closed form, the square root against scipy, the network's structure
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 16))
+    mu, sigma = fid.feature_stats(a)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8  # identical sets -> 0
+    shift = rng.normal(size=16)
+    assert abs(fid.frechet_distance(mu, sigma, mu + shift, sigma) - shift @ shift) < 1e-8  # equal covariances
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2 with standard deviations s
+    assert abs(fid.frechet_distance(1.0, 4.0, -2.0, 9.0) - (9 + 1)) < 1e-12
+    # Diagonal: sum of (m1 - m2)^2 + (sqrt(v1) - sqrt(v2))^2 over coordinates
+    v1, v2, m1, m2 = rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8), rng.normal(size=8), rng.normal(size=8)
+    ref = ((m1 - m2) ** 2 + (np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    ours = fid.frechet_distance(m1, np.diag(v1), m2, np.diag(v2))
+    assert abs(ours - ref) < 1e-10, (ours, ref)
+    expect_error(lambda: fid.frechet_distance(mu, sigma, mu[:8], sigma[:8, :8]), "--dims")
+
+
+def test_trace_sqrt_matches_scipy_sqrtm():
+    import scipy.linalg
+    rng = np.random.default_rng(1)
+    worst = 0.0
+    for n_samples in (400, 40):  # full rank, then rank-deficient (40 samples in 64 dimensions)
+        s1 = np.cov(rng.normal(size=(n_samples, 64)) @ rng.normal(size=(64, 64)), rowvar=False)
+        s2 = np.cov(rng.normal(size=(n_samples, 64)) * rng.uniform(0.5, 2, 64), rowvar=False)
+        ref = np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
+        ours = fid.trace_sqrt_product(s1, s2)[0]
+        worst = max(worst, abs(ours - ref) / abs(ref))
+        assert abs(ours - ref) < 1e-6 * abs(ref), (ours, ref)
+    print(f"OK trace sqrt vs scipy sqrtm (max rel diff {worst:.1e})")
+    try:  # a "covariance" with a negative eigenvalue is refused, not silently rounded
+        fid.frechet_distance(np.zeros(2), np.array([[1.0, 0], [0, -4.0]]), np.zeros(2), np.eye(2))
+    except ValueError as e:
+        assert "negative eigenvalue" in str(e)
+    else:
+        raise AssertionError("a covariance with a negative eigenvalue was accepted")
+
+
+def test_inception_structure_and_outputs():
+    torch.manual_seed(0)
+    net = fid.FIDInceptionV3().eval()
+    # torchvision's inception_v3 has 27,161,264 parameters with its aux head and 1000 classes; the FID
+    # network drops the aux head (3,326,696) and has 1008 classes (+8 x 2049): 23,850,960.
+    assert sum(p.numel() for p in net.parameters()) == 27_161_264 - 3_326_696 + 8 * 2049
+    keys = net.state_dict().keys()
+    for k in ("Conv2d_1a_3x3.conv.weight", "Conv2d_4a_3x3.bn.running_var", "Mixed_5b.branch_pool.conv.weight",
+              "Mixed_6e.branch7x7dbl_5.bn.bias", "Mixed_7a.branch7x7x3_4.conv.weight",
+              "Mixed_7c.branch3x3dbl_3b.bn.num_batches_tracked", "fc.weight", "fc.bias"):
+        assert k in keys, k
+    assert not any(k.startswith("AuxLogits") for k in keys)
+    assert all(m.eps == 0.001 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert net.fc.weight.shape == (1008, 2048)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        for dims in fid.DIMS:
+            assert net(x, dims=dims).shape == (2, dims)
+        a, b = net(x), net(x)
+    assert torch.equal(a, b)  # deterministic
+    # The TensorFlow-style pool ignores padding: a constant map stays constant up to the border.
+    c = torch.full((1, 1, 5, 5), 3.0)
+    assert torch.equal(fid.tf_avg_pool(c), c)
+    assert not torch.equal(torch.nn.functional.avg_pool2d(c, 3, 1, 1), c)  # what torchvision's would do
+
+
+def test_inception_weights_download_and_strict_load():
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    torch.save(fid.FIDInceptionV3().state_dict(), buf)
+    blob = buf.getvalue()
+    root = tmpdir()
+    with http_server({"/w.pth": (200, blob, None)}) as (url, _):
+        with patched(fid, WEIGHTS_URL=url + "/w.pth", WEIGHTS_SHA256=hashlib.sha256(blob).hexdigest(),
+                     WEIGHTS_BYTES=len(blob)):
+            net, _ = quiet(fid.load_inception, "cpu", root)
+    assert os.path.exists(os.path.join(root, "w.pth")) and not net.training
+    msg = expect_error(lambda: quiet(fid.load_inception, "cpu", tmpdir()), "Inception weights", "by hand")
+    assert fid.WEIGHTS_URL in msg
+
+
+def test_fid_api_stats_cache_and_bad_inputs():
+    torch.manual_seed(0)
+    net = fid.FIDInceptionV3().eval()
+    rng = np.random.default_rng(0)
+    imgs_a = torch.from_numpy(rng.integers(0, 256, (6, 3, 16, 16), dtype=np.uint8))
+    imgs_b = torch.from_numpy(rng.integers(0, 256, (6, 3, 16, 16), dtype=np.uint8))
+    cache = tmpdir()
+    mu_a, _ = quiet(fid.reference_stats, imgs_a, {"dataset": "toy", "split": "test"}, net, cache, dims=64)[0]
+    mu_b, _ = quiet(fid.reference_stats, imgs_b, {"dataset": "toy", "split": "test"}, net, cache, dims=64)[0]
+    assert len(os.listdir(cache)) == 2 and not np.allclose(mu_a, mu_b)  # other images, other cache entry
+    mu_a2, _ = fid.reference_stats(imgs_a, {"dataset": "toy", "split": "test"}, net, cache, dims=64)
+    assert np.array_equal(mu_a, mu_a2)  # the same inputs reuse the cache
+    for name in os.listdir(cache):  # caches whose stored key does not match their name are refused
+        np.savez(os.path.join(cache, name), mu=mu_b, sigma=np.eye(64), key="something else")
+    expect_error(lambda: fid.reference_stats(imgs_a, {"dataset": "toy", "split": "test"}, net, cache, dims=64),
+                 "other inputs")
+    d, _ = quiet(fid.fid, imgs_a, imgs_a, net, dims=64)
+    assert abs(d) < 1e-6
+    # The image loaders: folders, arrays, stats files, and their one-line errors.
+    folder = tmpdir()
+    from PIL import Image
+    for i, im in enumerate(imgs_a.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(im).save(os.path.join(folder, f"{i}.png"))
+    assert torch.equal(fid.load_images(folder), imgs_a)
+    np.savez(os.path.join(folder, "s.npz"), images=imgs_a.permute(0, 2, 3, 1).numpy())  # NHWC is accepted
+    assert torch.equal(fid.load_images(os.path.join(folder, "s.npz")), imgs_a)
+    np.savez(os.path.join(folder, "stats.npz"), mu=mu_a, sigma=np.eye(64))
+    assert np.array_equal(fid.load_images(os.path.join(folder, "stats.npz"))[0], mu_a)
+    expect_error(lambda: fid.load_images(tmpdir()), "no .png")
+    Image.fromarray(np.zeros((8, 9, 3), np.uint8)).save(os.path.join(folder, "odd.png"))
+    expect_error(lambda: fid.load_images(folder), "mixes image sizes")
+    np.save(os.path.join(folder, "f.npy"), np.zeros((2, 3, 8, 8), np.float32))
+    expect_error(lambda: fid.load_images(os.path.join(folder, "f.npy")), "float32", "uint8")
+    expect_error(lambda: fid.inception_features(np.zeros((2, 8, 8), np.uint8), net), "(N, 3, H, W)")
+    expect_error(lambda: fid.feature_stats(np.zeros((1, 4))), "at least 2")
+
+
+def test_fid_cli_on_statistics_and_bad_input():
+    d = tmpdir()
+    rng = np.random.default_rng(0)
+    np.savez(os.path.join(d, "a.npz"), mu=np.zeros(3), sigma=np.eye(3))
+    np.savez(os.path.join(d, "b.npz"), mu=np.ones(3), sigma=4 * np.eye(3))  # FID = 3 + 3 x (1 - 2)^2 = 6
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(HERE, "fid.py"), *a], capture_output=True,
+                                    text=True, timeout=120)
+    r = run(os.path.join(d, "a.npz"), os.path.join(d, "b.npz"))
+    assert r.returncode == 0 and "FID: 6.0000" in r.stdout, r.stdout + r.stderr
+    for args, needle in (([os.path.join(d, "missing.npz"), os.path.join(d, "a.npz")], "does not exist"),
+                         ([os.path.join(d, "a.npz")], "--save-stats")):
+        r = run(*args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_clean_resize_keeps_constant_images():
+    flat = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
+    out = fid.clean_resize(flat)
+    assert out.shape == (1, 3, 299, 299) and torch.allclose(out, torch.full_like(out, 128 / 255), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
