@@ -4,9 +4,10 @@
     python mm.py classify                  # AddNIST classifier: < 100,000 parameters, <= 10,000 steps
     python mm.py classify --runs 5         # five seeds, then a mean ± std table
     python mm.py classify --help           # every knob, with its default
+    python mm.py gradflow --compare        # depth study: why VGG_38 fails, and BN / residual fixes
 
 Reading order: configs -> small utilities (budgets, logging, plots, checkpoints) -> classifier ->
-classifier training -> CLI main().
+classifier training -> depth study -> CLI main().
 """
 import argparse
 import inspect
@@ -17,6 +18,7 @@ import re
 import signal
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -69,7 +71,31 @@ class ClassifyConfig:
     pause_at: int = 0  # stop cleanly (checkpointed) once this many steps are done; 0 = run to the end
 
 
-CHOICES = {"model": ("digits", "plain"), "device": ("auto", "cpu", "cuda")}
+@dataclass
+class GradflowConfig:
+    # data and output
+    data_dir: str = ""  # dataset cache root ("" = $MM_DATA, else ./data)
+    out: str = "runs/gradflow"  # results folder: one sub-folder per configuration and seed, plus metrics.json
+    # the network (the coursework's VGG framework)
+    depth: int = 38  # 8 (0 processing blocks per stage) or 38 (5 per stage); 3 stages of 32 filters
+    bn: bool = False  # BatchNorm after every conv, before its activation
+    residual: bool = False  # identity skip around every processing block (He et al. 2016)
+    compare: bool = False  # run the five reference configurations in turn and print the comparison table
+    # optimisation
+    epochs: int = 100  # passes over the 47,500 training images
+    batch_size: int = 100  # images per step
+    lr: float = 1e-3  # Adam learning rate at the start; cosine annealing per epoch down to min_lr
+    min_lr: float = 2e-5  # learning rate reached at the last epoch
+    val_size: int = 2_500  # training images held out for validation (seeded permutation)
+    # runs, hardware
+    runs: int = 1  # independent runs with seeds seed, seed+1, ...
+    seed: int = 0  # seed of the first run
+    log_every: int = 100  # steps between progress lines
+    device: str = "auto"  # auto | cpu | cuda
+    resume: bool = False  # continue the runs checkpointed in --out instead of refusing to overwrite them
+
+
+CHOICES = {"model": ("digits", "plain"), "device": ("auto", "cpu", "cuda"), "depth": (8, 38)}
 
 
 def field_help(cls):
@@ -166,15 +192,20 @@ class StopFlag:
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
 
 
-def line_plot(path, series, title, xlabel, ylabel, size=(800, 500)):
-    """Draw [(label, xs, ys, colour)] as a line chart PNG with Pillow; same-label lines share one legend row."""
+def line_plot(path, series, title, xlabel, ylabel, size=(800, 500), logy=False, xlabels=None):
+    """Draw [(label, xs, ys, colour)] as a line chart PNG with Pillow; same-label lines share one legend row.
+
+    logy plots log10(y) with decade labels; xlabels names the integer x positions 0..n-1 (rotated text).
+    """
     W, H = size
-    left, right, top, bottom = 80, 20, 40, 60
+    left, right, top = 80, 20, 40
+    bottom = 60 if xlabels is None else 40 + 7 * max(len(t) for t in xlabels)
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=14)
+    fy = (lambda y: math.log10(max(y, 1e-30))) if logy else (lambda y: y)
     xs_all = [x for _, xs, _, _ in series for x in xs]
-    ys_all = [y for _, _, ys, _ in series for y in ys]
+    ys_all = [fy(y) for _, _, ys, _ in series for y in ys]
     x0, x1 = min(xs_all), max(xs_all)
     y0, y1 = min(ys_all), max(ys_all)
     pad = 0.05 * (y1 - y0 or 1.0)
@@ -186,16 +217,22 @@ def line_plot(path, series, title, xlabel, ylabel, size=(800, 500)):
                 H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
 
     d.rectangle([left, top, W - right, H - bottom], outline="black")
-    for i in range(6):  # gridlines with tick labels
+    for i in range(6):  # horizontal gridlines with y tick labels
         yv = y0 + (y1 - y0) * i / 5
         _, yp = px(x0, yv)
         d.line([left, yp, W - right, yp], fill=(225, 225, 225))
-        d.text((left - 6, yp), f"{yv:.4g}", fill="black", font=font, anchor="rm")
-        xv = x0 + (x1 - x0) * i / 5
-        xp, _ = px(xv, y0)
-        d.text((xp, H - bottom + 6), f"{xv:.4g}", fill="black", font=font, anchor="ma")
+        d.text((left - 6, yp), f"1e{yv:.1f}" if logy else f"{yv:.4g}", fill="black", font=font, anchor="rm")
+        if xlabels is None:
+            xv = x0 + (x1 - x0) * i / 5
+            d.text((px(xv, y0)[0], H - bottom + 6), f"{xv:.4g}", fill="black", font=font, anchor="ma")
+    for i, text in enumerate(xlabels or []):  # one rotated label per category
+        box = font.getbbox(text)
+        tile = Image.new("RGB", (box[2] + 2, box[3] + 2), "white")
+        ImageDraw.Draw(tile).text((1, 1), text, fill="black", font=font)
+        tile = tile.rotate(90, expand=True)
+        img.paste(tile, (int(px(i, y0)[0] - tile.width / 2), H - bottom + 4))
     for _, xs, ys, colour in series:
-        pts = [px(x, y) for x, y in zip(xs, ys)]
+        pts = [px(x, fy(y)) for x, y in zip(xs, ys)]
         if len(pts) > 1:
             d.line(pts, fill=colour, width=2)
         for p in pts[-1:]:
@@ -206,8 +243,8 @@ def line_plot(path, series, title, xlabel, ylabel, size=(800, 500)):
         d.line([W - right - 150, y, W - right - 125, y], fill=colour, width=3)
         d.text((W - right - 120, y), label, fill="black", font=font, anchor="lm")
     d.text((W / 2, 12), title, fill="black", font=font, anchor="ma")
-    d.text((W / 2, H - 22), xlabel, fill="black", font=font, anchor="ma")
-    d.text((12, H / 2), ylabel, fill="black", font=font, anchor="lm")
+    d.text((W / 2, H - 18), xlabel, fill="black", font=font, anchor="ma")
+    d.text((8, top - 22), ylabel, fill="black", font=font, anchor="la")
     img.save(path)
 
 
@@ -518,9 +555,265 @@ def classify(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
+# Depth study: a plain 38-layer CNN fails to train, gradient flow shows why, BN and residuals fix it
+
+class ProcessingBlock(nn.Module):
+    """conv -> (BN) -> leaky ReLU -> conv -> (BN) -> [+ input] -> leaky ReLU, at constant width.
+
+    With residual, the input is added before the last activation (He et al. 2016, "Deep residual
+    learning for image recognition", Fig. 2): if both convs output zero the block passes its
+    (already non-negative-ish) input through, so gradients reach early layers undiminished.
+    """
+
+    def __init__(self, c, bn, residual):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)  # the coursework framework: no bias here
+        self.bn1 = nn.BatchNorm2d(c) if bn else nn.Identity()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c) if bn else nn.Identity()
+        self.residual = residual
+
+    def forward(self, x):  # (B, c, H, W) -> same
+        h = self.bn2(self.conv2(F.leaky_relu(self.bn1(self.conv1(x)))))
+        return F.leaky_relu(h + x if self.residual else h)
+
+
+class ReductionBlock(nn.Module):
+    """conv -> (BN) -> leaky ReLU -> 2x2 average pool -> conv -> (BN) -> leaky ReLU; halves H and W."""
+
+    def __init__(self, c, bn):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)  # with bias, as in the coursework framework
+        self.bn1 = nn.BatchNorm2d(c) if bn else nn.Identity()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c) if bn else nn.Identity()
+
+    def forward(self, x):  # (B, c, H, W) -> (B, c, H/2, W/2)
+        h = F.avg_pool2d(F.leaky_relu(self.bn1(self.conv1(x))), 2)
+        return F.leaky_relu(self.bn2(self.conv2(h)))
+
+
+class VGG(nn.Module):
+    """Entry conv/BN/leaky ReLU, 3 stages of (blocks_per_stage processing blocks + 1 reduction block),
+    global average pool, linear. depth 8 -> 0 blocks per stage (7 conv + 1 linear, 59,716 parameters);
+    depth 38 -> 5 per stage (37 conv + 1 linear, 336,196 parameters)."""
+
+    def __init__(self, depth=38, bn=False, residual=False, filters=32, n_classes=100, stages=3):
+        super().__init__()
+        per_stage = (depth - 2 - 2 * stages) // (2 * stages)  # depth = entry + stages*(2*blocks + 2) + fc
+        if 1 + stages * (2 * per_stage + 2) + 1 != depth or per_stage < 0:
+            raise UserError(f"--depth {depth} cannot be built from {stages} stages (use 8, 14, 20, ... 38)")
+        self.entry = nn.Sequential(nn.Conv2d(3, filters, 3, padding=1, bias=False), nn.BatchNorm2d(filters),
+                                   nn.LeakyReLU())
+        self.stages = nn.ModuleList(  # blocks named b1..bN and red, so weights read 'stages.0.b2.conv1.weight'
+            nn.Sequential(OrderedDict([*((f"b{i + 1}", ProcessingBlock(filters, bn, residual)) for i in range(per_stage)),
+                                       ("red", ReductionBlock(filters, bn))])) for _ in range(stages))
+        self.fc = nn.Linear(filters, n_classes)
+
+    def forward(self, x):  # (B, 3, 32, 32) -> (B, n_classes)
+        x = self.entry(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.fc(x.mean((2, 3)))  # global average pool
+
+
+def layer_name(param_name):
+    """'stages.1.red.conv2.weight' -> 's2.red.c2', 'entry.0.weight' -> 'entry': short plot labels."""
+    parts = param_name.split(".")
+    if parts[0] != "stages":
+        return parts[0]
+    return f"s{int(parts[1]) + 1}.{parts[2]}.{parts[3].replace('conv', 'c')}"
+
+
+def gradient_flow(model):
+    """{layer: mean |dL/dW|} over every weight tensor (biases and BN scales excluded), in forward order."""
+    flow = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None and p.ndim > 1:  # conv kernels (4-D) and the linear matrix (2-D)
+            flow[name] = p.grad.abs().mean().item()
+    return flow
+
+
+def crop_flip(x, pad=4):
+    """Random 32x32 crop of the zero-padded image and a random horizontal flip, per image, batched."""
+    B, C, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2 pad, W + 2 pad)
+    dy, dx = (torch.randint(0, 2 * pad + 1, (B,), device=x.device) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    out = xp[torch.arange(B, device=x.device)[:, None, None, None], torch.arange(C, device=x.device)[None, :, None, None],
+             rows, cols]
+    flip = torch.rand(B, device=x.device) < 0.5  # CIFAR objects are left-right symmetric in meaning
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+COMPARE = [  # (name, depth, bn, residual, lr) and the known train / val accuracy (%) to compare with
+    ("VGG_08", 8, False, False, 1e-3, (51.6, 46.8)),
+    ("VGG_38", 38, False, False, 1e-3, (1.0, 1.0)),
+    ("VGG_38 + residual", 38, False, True, 1e-3, (61.5, 52.3)),
+    ("VGG_38 + BN + residual", 38, True, True, 1e-3, (63.0, 53.8)),
+    ("VGG_38 + BN (lr 1e-2)", 38, True, False, 1e-2, (52.3, 46.7)),
+]
+
+
+def train_vgg(cfg, seed, run_dir, splits, device):
+    """Train one configuration for cfg.epochs; returns its result (best-validation model scored on test)."""
+    (x_tr, y_tr), (x_val, y_val), test = splits
+    torch.manual_seed(seed)
+    model = VGG(cfg.depth, cfg.bn, cfg.residual).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    per_epoch = len(x_tr) // cfg.batch_size
+    curves = {k: [] for k in ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")}
+    flows, best, start = [], {"val_acc": -1.0}, 0
+    ckpt_path = os.path.join(run_dir, "ckpt.pt")
+    if cfg.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        start, curves, flows, best = ck["epoch"], ck["curves"], ck["flows"], ck["best"]
+        if ck.get("result"):
+            print(f"{run_dir}: already finished")
+            return ck["result"]
+        print(f"resuming {run_dir} from epoch {start}")
+    sample = EpochSampler(len(x_tr), cfg.batch_size, seed, device)
+
+    def checkpoint(epoch, result=None):
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
+                                    "config": asdict(cfg), "curves": curves, "flows": flows, "best": best,
+                                    "result": result})
+
+    t0 = t_log = time.time()
+    with StopFlag() as flag:
+        for epoch in range(start, cfg.epochs):
+            # Cosine annealing per epoch (Loshchilov & Hutter 2017), as the coursework's scheduler steps it.
+            lr = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            model.train()
+            loss_sum, correct = 0.0, 0.0
+            for i in range(per_epoch):
+                step = epoch * per_epoch + i
+                torch.manual_seed(seed * 1_000_003 + step)  # augmentation from (seed, step): exact resume
+                idx = sample(step)
+                xb, yb = crop_flip(x_tr[idx]), y_tr[idx]
+                with autocast(device):
+                    out = model(xb).float()
+                loss = F.cross_entropy(out, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if i == per_epoch - 1:  # gradient flow after the last batch of the epoch
+                    flows.append(gradient_flow(model))
+                opt.step()
+                loss_sum, correct = loss_sum + loss.detach(), correct + (out.argmax(1) == yb).sum()
+                if (step + 1) % cfg.log_every == 0:
+                    ms = 1000 * (time.time() - t_log) / cfg.log_every
+                    left = cfg.epochs * per_epoch - step - 1
+                    print(f"step {step + 1:6d}/{cfg.epochs * per_epoch} | epoch {epoch + 1} | loss {loss.item():.4f}"
+                          f" | lr {lr:.1e} | {ms:.1f} ms/step | eta {fmt_time(ms * left / 1000)}", flush=True)
+                    t_log = time.time()
+            train_loss, train_acc = loss_sum.item() / per_epoch, correct.item() / (per_epoch * cfg.batch_size)
+            val_loss, val_acc = evaluate(model, x_val, y_val)
+            for k, v in zip(curves, (epoch + 1, lr, train_loss, train_acc, val_loss, val_acc)):
+                curves[k].append(v)
+            if val_acc > best["val_acc"]:  # keep the best-validation weights for the test evaluation
+                best = {"val_acc": val_acc, "epoch": epoch + 1, "train_acc": train_acc,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            print(f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {train_loss:.4f} acc {train_acc:.4f} "
+                  f"| val loss {val_loss:.4f} acc {val_acc:.4f} | grad entry {flows[-1]['entry.0.weight']:.2e}",
+                  flush=True)
+            checkpoint(epoch + 1)
+            t_log = time.time()
+            if flag.stop:
+                raise UserError(f"interrupted after epoch {epoch + 1}; checkpoint saved in {ckpt_path}, "
+                                f"continue with --resume --out {cfg.out}")
+    model.load_state_dict(best["state"])
+    test_loss, test_acc = evaluate(model, *test)
+    result = {"seed": seed, "params": count_params(model), "best_epoch": best["epoch"],
+              "train_acc": curves["train_acc"][-1], "val_acc": curves["val_acc"][-1],
+              "best_val_acc": best["val_acc"], "test_acc": test_acc, "test_loss": test_loss,
+              "seconds": time.time() - t0, "curves": curves, "grad_flow": flows}
+    checkpoint(cfg.epochs, result)
+    plot_run(run_dir, result)
+    return result
+
+
+def plot_run(run_dir, result):
+    """gradflow.png (mean |grad| per layer, a line per chosen epoch) and curves.png (accuracy per epoch)."""
+    flows, names = result["grad_flow"], list(result["grad_flow"][0])
+    n = len(flows)
+    chosen = sorted({0, n // 4, n // 2, 3 * n // 4, n - 1})  # a few epochs, first and last included
+    series = [(f"epoch {e + 1}", list(range(len(names))), [flows[e][k] for k in names], PALETTE[i % len(PALETTE)])
+              for i, e in enumerate(chosen)]
+    line_plot(os.path.join(run_dir, "gradflow.png"), series, "gradient flow: mean |dL/dW| per layer", "layer",
+              "mean |grad|", size=(1000, 560), logy=True, xlabels=[layer_name(k) for k in names])
+    c = result["curves"]
+    line_plot(os.path.join(run_dir, "curves.png"),
+              [("train accuracy", c["epoch"], c["train_acc"], PALETTE[0]),
+               ("val accuracy", c["epoch"], c["val_acc"], PALETTE[1])], "accuracy per epoch", "epoch", "accuracy")
+
+
+def load_cifar_splits(cfg, device):
+    """CIFAR-100 on the device, normalised per channel: train/val by a seeded permutation, and test."""
+    x, y = data.load_split("cifar100", "train", cfg.data_dir or None)
+    xt, yt = data.load_test("cifar100", cfg.data_dir or None)  # evaluation only
+    if not 0 < cfg.val_size < len(x):
+        raise UserError(f"--val-size must be between 1 and {len(x) - 1}")
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # the same split for every run
+    x = torch.from_numpy(x).to(device).float() / 255
+    mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True)  # statistics of train+val
+    norm = lambda a: ((a - mean) / std).contiguous(memory_format=torch.channels_last)
+    y = torch.from_numpy(y).to(device)
+    tr, va = perm[cfg.val_size:].to(device), perm[:cfg.val_size].to(device)
+    test = (norm(torch.from_numpy(xt).to(device).float() / 255), torch.from_numpy(yt).to(device))
+    return (norm(x[tr]), y[tr]), (norm(x[va]), y[va]), test
+
+
+def gradflow(cfg):
+    """`python mm.py gradflow`: train one configuration (or --compare the five), with gradient-flow plots."""
+    device = pick_device(cfg.device)
+    for name in ("epochs", "runs", "batch_size", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    configs = [c for c in COMPARE] if cfg.compare else \
+        [(f"VGG_{cfg.depth:02d}" + " + BN" * cfg.bn + " + residual" * cfg.residual, cfg.depth, cfg.bn, cfg.residual,
+          cfg.lr, None)]
+    os.makedirs(cfg.out, exist_ok=True)
+    if not cfg.resume and any(os.path.exists(os.path.join(root, "ckpt.pt")) for root, _, _ in os.walk(cfg.out)):
+        raise UserError(f"{cfg.out} already holds runs; pass --resume to continue them or choose another --out")
+    splits = load_cifar_splits(cfg, device)
+    print(f"gradflow on {device} | CIFAR-100 train {len(splits[0][0])}, val {len(splits[1][0])}, "
+          f"test {len(splits[2][0])} | {cfg.epochs} epochs of {len(splits[0][0]) // cfg.batch_size} steps")
+    save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+    rows = []
+    for name, depth, bn, residual, lr, known in configs:
+        run_cfg = GradflowConfig(**{**asdict(cfg), "depth": depth, "bn": bn, "residual": residual, "lr": lr})
+        print(f"=== {name}: > Number of parameters {count_params(VGG(depth, bn, residual))}")
+        results = []
+        for r in range(cfg.runs):
+            run_dir = os.path.join(cfg.out, re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + f"/seed{cfg.seed + r}")
+            os.makedirs(run_dir, exist_ok=True)
+            results.append(train_vgg(run_cfg, cfg.seed + r, run_dir, splits, device))
+            save_json(os.path.join(run_dir, "metrics.json"), results[-1])
+        row = {"name": name, "params": results[0]["params"], "known_train_val": known, "runs": len(results)}
+        for key in ("train_acc", "val_acc", "best_val_acc", "test_acc"):
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r[key] for r in results])
+        rows.append(row)
+    print(f"\n{'configuration':<24} {'params':>8} {'train acc %':>14} {'val acc %':>14} {'test acc %':>14} {'known':>12}")
+    for row in rows:
+        ms = lambda k: f"{100 * row[k + '_mean']:.1f} ± {100 * row[k + '_std']:.1f}"
+        known = "{} / {}".format(*row["known_train_val"]) if row["known_train_val"] else "-"
+        print(f"{row['name']:<24} {row['params']:>8,} {ms('train_acc'):>14} {ms('val_acc'):>14} {ms('test_acc'):>14} "
+              f"{known:>12}")
+    save_json(os.path.join(cfg.out, "metrics.json"), {"config": asdict(cfg), "device": str(device), "table": rows})
+    print(f"wrote {cfg.out}/metrics.json and, per run, gradflow.png, curves.png, metrics.json, ckpt.pt")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 
-COMMANDS = {"classify": (ClassifyConfig, classify, "train the AddNIST classifier under its budget")}
+COMMANDS = {"classify": (ClassifyConfig, classify, "train the AddNIST classifier under its budget"),
+            "gradflow": (GradflowConfig, gradflow, "depth study: VGG_08 vs VGG_38 on CIFAR-100, gradient flow, fixes")}
 
 
 def main(argv=None):

@@ -418,6 +418,84 @@ def test_cli_help_and_one_line_errors():
 
 
 # ---------------------------------------------------------------------------------------------
+# The depth study
+
+def test_vgg_layer_and_parameter_counts():
+    for depth, convs, params in ((8, 7, 59_716), (38, 37, 336_196)):  # the coursework's ≈59.7k and ≈336.2k
+        net = mm.VGG(depth)
+        assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == convs
+        assert sum(isinstance(m, torch.nn.Linear) for m in net.modules()) == 1
+        assert mm.count_params(net) == params, mm.count_params(net)
+    bn = mm.VGG(38, bn=True)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in bn.modules()) == 37  # entry + one per conv
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in mm.VGG(38).modules()) == 1  # the entry block's only
+    assert mm.VGG(8)(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    names = [mm.layer_name(k) for k in mm.VGG(38).state_dict() if k.endswith("weight") and "conv" in k]
+    assert names[:3] == ["s1.b1.c1", "s1.b1.c2", "s1.b2.c1"] and names[10:12] == ["s1.red.c1", "s1.red.c2"]
+    expect_error(lambda: mm.VGG(9), "--depth")
+
+
+def test_gradient_flow_matches_hand_computation():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    w1, b1, w2 = np.array([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]), np.array([0.1, -0.2]), np.array([[2.0, -4.0]])
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor(w1)), net[0].bias.copy_(torch.tensor(b1)), net[1].weight.copy_(torch.tensor(w2))
+    x = np.array([0.5, -1.0, 2.0])
+    net(torch.tensor(x, dtype=torch.float32)[None]).sum().backward()
+    # L = w2 (W1 x + b1) + b2:  dL/dW2 = (W1 x + b1)^T,  dL/dW1 = w2^T x^T (an outer product)
+    ref = {"0.weight": np.abs(np.outer(w2[0], x)).mean(), "1.weight": np.abs(w1 @ x + b1).mean()}
+    flow = mm.gradient_flow(net)
+    assert set(flow) == set(ref)  # biases are left out
+    for k in ref:
+        assert abs(flow[k] - ref[k]) < 1e-6, (k, flow[k], ref[k])
+
+
+def test_residual_and_bn_wiring():
+    x = torch.rand(2, 8, 6, 6)  # non-negative, like the output of a previous leaky ReLU
+    for bn in (False, True):
+        block = mm.ProcessingBlock(8, bn=bn, residual=True)
+        plain = mm.ProcessingBlock(8, bn=bn, residual=False)
+        for b in (block, plain):
+            torch.nn.init.zeros_(b.conv1.weight), torch.nn.init.zeros_(b.conv2.weight)
+        assert torch.allclose(block(x), x, atol=1e-6)  # zeroed convs: the residual block is the identity
+        assert torch.allclose(plain(x), torch.zeros_like(x), atol=1e-6)  # and the plain block outputs nothing
+    assert isinstance(mm.ProcessingBlock(8, True, False).bn2, torch.nn.BatchNorm2d)
+    assert isinstance(mm.ReductionBlock(8, False).bn1, torch.nn.Identity)
+    assert mm.ReductionBlock(8, False)(x).shape == (2, 8, 3, 3)
+
+
+def test_crop_flip_moves_pixels_only():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    torch.manual_seed(0)
+    y = mm.crop_flip(x, pad=0)  # no padding: each image is either itself or its mirror
+    for i in range(2):
+        assert torch.equal(y[i], x[i]) or torch.equal(y[i], x[i].flip(2))
+    y = mm.crop_flip(x, pad=2)
+    assert y.shape == x.shape and set(y.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
+
+
+def test_gradflow_runs_on_tiny_cifar_and_resumes():
+    root = tmpdir()
+    blob = cifar100_tar_bytes(n_train=60, n_test=20)
+    with open(os.path.join(root, "cifar-100-python.tar.gz"), "wb") as f:
+        f.write(blob)
+    out = tmpdir()
+    cfg = mm.GradflowConfig(data_dir=root, out=out, depth=8, epochs=2, batch_size=10, val_size=10, device="cpu")
+    with patched(data, CIFAR100_MD5=hashlib.md5(blob).hexdigest(), CIFAR100_BYTES=len(blob)):
+        rows, log = quiet(mm.gradflow, cfg)
+        expect_error(lambda: quiet(mm.gradflow, cfg), "--resume")
+        _, log2 = quiet(mm.gradflow, mm.GradflowConfig(**{**mm.asdict(cfg), "resume": True}))
+    assert "already finished" in log2 and rows[0]["params"] == 59_716 and "VGG_08" in log
+    run = os.path.join(out, "VGG_08", "seed0")
+    m = json.load(open(os.path.join(run, "metrics.json")))
+    assert len(m["grad_flow"]) == 2 and len(m["grad_flow"][0]) == 8  # 7 convs + fc, per epoch
+    assert all(v > 0 for v in m["grad_flow"][-1].values())
+    assert m["curves"]["epoch"] == [1, 2] and m["curves"]["lr"][0] == cfg.lr  # cosine starts at lr
+    for png in ("gradflow.png", "curves.png"):
+        assert os.path.getsize(os.path.join(run, png)) > 1000
+
+
+# ---------------------------------------------------------------------------------------------
 # fid.py: the distance in closed form, the square root against scipy, the network's structure
 
 def test_frechet_distance_closed_forms():
