@@ -303,9 +303,11 @@ def test_sum_head_reads_certain_digits():
 
 
 def test_augment_identity_and_background():
-    cfg = mm.ClassifyConfig(shift=0, rotate=0, zoom=0)
+    cfg = mm.ClassifyConfig(shift=0, rotate=0, zoom=0, elastic=0)
     x = torch.randn(4, 3, 28, 28)
     assert torch.allclose(mm.augment_digits(x, cfg, -0.5), x, atol=1e-5)  # no warp -> the same image
+    elastic_only = mm.ClassifyConfig(shift=0, rotate=0, zoom=0, elastic=1.5)
+    assert not torch.allclose(mm.augment_digits(x, elastic_only, -0.5), x, atol=1e-2)  # the field moves ink
     cfg = mm.ClassifyConfig(shift=3, rotate=20, zoom=0.2)
     blank = torch.full((4, 3, 28, 28), -0.4242)
     assert torch.allclose(mm.augment_digits(blank, cfg, -0.4242), blank, atol=1e-5)  # canvas stays blank
