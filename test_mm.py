@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import traceback
+import types
 import zipfile
 
 import numpy as np
@@ -31,6 +32,10 @@ import mm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+class Skip(Exception):
+    """Raised by a test whose optional reference is not installed: reported as skipped, never as passed."""
 
 
 def tmpdir():
@@ -631,6 +636,46 @@ def test_fid_cli_on_statistics_and_bad_input():
         assert r.returncode != 0 and len(lines) == 1 and needle in lines[0], r.stderr
 
 
+def test_matches_pytorch_fid_package():
+    """The same random weights and images through pytorch-fid's own network and distance, where it imports.
+
+    pytorch-fid needs torchvision, which has no CPU build here; `pip install --no-deps --target DIR
+    torchvision==0.28.0 pytorch-fid` and PYTHONPATH=DIR run this test. torchvision's compiled ops are
+    then missing, so its meta-kernel registration is stubbed out: the Inception model code never uses them.
+    """
+    try:
+        sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+        import pytorch_fid.fid_score as pf_score
+        import pytorch_fid.inception as pf
+    except ImportError:
+        sys.modules.pop("torchvision._meta_registrations", None)
+        raise Skip("pytorch-fid (and torchvision) not importable")
+    torch.manual_seed(0)
+    ours = fid.FIDInceptionV3().eval()
+    for m in ours.modules():  # non-trivial BN statistics, so that they are exercised too
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(0.5, 1.5)
+    state = ours.state_dict()  # float32, as the real weight file: both models load it exactly
+    with patched(pf, load_state_dict_from_url=lambda *a, **k: state):  # their loader, our random weights
+        theirs = {d: pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[d]]).double().eval() for d in fid.DIMS}
+    ours = ours.double()  # float64 on both sides, so any difference is structural, not rounding
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8))
+    worst = 0.0
+    with torch.no_grad():
+        for d in fid.DIMS:
+            a = ours(x.double() / 255, dims=d)
+            b = torch.nn.functional.adaptive_avg_pool2d(theirs[d](x.double() / 255)[0], 1).flatten(1)
+            rel = ((a - b).abs().max() / b.abs().max()).item()
+            worst = max(worst, rel)
+            assert rel < 1e-10, (d, rel)
+    rng = np.random.default_rng(1)
+    f1, f2 = rng.normal(size=(300, 32)), rng.normal(size=(300, 32)) * 1.3 + 0.2
+    s1, s2 = fid.feature_stats(f1), fid.feature_stats(f2)
+    ref = pf_score.calculate_frechet_distance(*s1, *s2)
+    assert abs(fid.frechet_distance(*s1, *s2) - ref) < 1e-9 * abs(ref), ref
+    print(f"OK features vs pytorch-fid (max rel diff {worst:.1e}), distance vs pytorch-fid ({ref:.6f})")
+
+
 def test_clean_resize_keeps_constant_images():
     flat = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
     out = fid.clean_resize(flat)
@@ -642,7 +687,7 @@ def test_clean_resize_keeps_constant_images():
 if __name__ == "__main__":
     tests = [(n, f) for n, f in list(globals().items()) if n.startswith("test_") and callable(f)]
     only = sys.argv[1:]
-    passed = failed = 0
+    passed = failed = skipped = 0
     t_all = time.time()
     for name, fn in tests:
         if only and not any(o in name for o in only):
@@ -652,6 +697,9 @@ if __name__ == "__main__":
             fn()
             passed += 1
             print(f"OK {name} ({time.time() - t:.1f}s)", flush=True)
+        except Skip as e:
+            skipped += 1
+            print(f"SKIP {name}: {e}", flush=True)
         except Exception:
             failed += 1
             traceback.print_exc()
@@ -659,5 +707,5 @@ if __name__ == "__main__":
     for d in TMP_DIRS:
         shutil.rmtree(d, ignore_errors=True)
     print(f"({time.time() - t_all:.0f}s)")
-    print(f"{passed} passed, {failed} failed")
+    print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
     sys.exit(1 if failed or not passed else 0)
