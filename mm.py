@@ -4,10 +4,11 @@
     python mm.py classify                  # AddNIST classifier: < 100,000 parameters, <= 10,000 steps
     python mm.py classify --runs 5         # five seeds, then a mean ± std table
     python mm.py classify --help           # every knob, with its default
+    python mm.py generate                  # CIFAR-100 diffusion: < 1,000,000 parameters, <= 50,000 steps
     python mm.py gradflow --compare        # depth study: why VGG_38 fails, and BN / residual fixes
 
 Reading order: configs -> small utilities (budgets, logging, plots, checkpoints) -> classifier ->
-classifier training -> depth study -> CLI main().
+classifier training -> diffusion -> diffusion training -> depth study -> CLI main().
 """
 import argparse
 import inspect
@@ -94,6 +95,47 @@ class GradflowConfig:
     device: str = "auto"  # auto | cpu | cuda
     resume: bool = False  # continue the runs checkpointed in --out instead of refusing to overwrite them
 
+
+@dataclass
+class GenerateConfig:
+    # data and output
+    data_dir: str = ""  # dataset cache root ("" = $MM_DATA, else ./data)
+    out: str = "runs/generate"  # results folder: samples.png, interpolations.png, neighbours.png, samples.npz, metrics.json, ckpt.pt
+    # budget
+    steps: int = 50_000  # optimisation steps (budget: at most 50,000)
+    allow_penalty: bool = False  # train over a budget anyway and print the coursework penalty
+    # network (EDM-preconditioned U-Net)
+    widths: str = "32,64,80"  # channels at the 32, 16 and 8 pixel levels (997,123 parameters in all)
+    blocks: int = 1  # residual blocks per level, down and up
+    emb_dim: int = 128  # width of the noise-level + class embedding every block uses
+    dropout: float = 0.1  # dropout inside residual blocks
+    # training (Karras et al. 2022)
+    batch_size: int = 256  # images per step
+    lr: float = 1e-3  # peak Adam learning rate
+    warmup: int = 1000  # steps of linear warm-up, then cosine decay to 0
+    ema: float = 0.9995  # decay of the weight average that samples are drawn from
+    sigma_data: float = 0.5  # standard deviation of the data, for the preconditioning
+    p_mean: float = -1.2  # mean of ln σ during training
+    p_std: float = 1.2  # standard deviation of ln σ during training
+    p_uncond: float = 0.1  # probability of dropping the class label (trains the unconditional model too)
+    # sampling
+    sampler_steps: int = 18  # Heun steps (NFE = 2 steps - 1, doubled when guidance != 1)
+    guidance: float = 1.0  # classifier-free guidance scale w (1 = plain conditional)
+    fid_samples: int = 10_000  # samples drawn for FID and samples.npz
+    sample_batch: int = 1000  # samples per sampler call
+    sample_every: int = 5000  # steps between progress.png grids (and checkpoints)
+    log_every: int = 100  # steps between progress lines
+    # runs, hardware
+    seed: int = 0  # seeds batches, noise and samples
+    device: str = "auto"  # auto | cpu | cuda
+    resume: bool = False  # continue the run checkpointed in --out
+    sample_only: bool = False  # skip training: regenerate every output from --ckpt (or OUT/ckpt.pt)
+    pause_at: int = 0  # stop cleanly (checkpointed) once this many steps are done; 0 = run to the end
+    ckpt: str = ""  # checkpoint to load ("" = OUT/ckpt.pt)
+
+
+GEN_PARAM_LIMIT = 1_000_000  # generator: fewer than this many trained parameters (coursework rule)
+GEN_STEP_LIMIT = 50_000  # generator: at most this many optimisation steps (coursework rule)
 
 CHOICES = {"model": ("digits", "plain"), "device": ("auto", "cpu", "cuda"), "depth": (8, 38)}
 
@@ -555,6 +597,402 @@ def classify(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
+# Diffusion: EDM preconditioning and loss, a compact U-Net, the deterministic Heun sampler
+#
+# Karras et al. 2022, "Elucidating the design space of diffusion-based generative models" (EDM):
+# the noisy image is x + σ n; the network F is wrapped so that D(x; σ) = c_skip x + c_out F(c_in x; c_noise)
+# has unit-variance inputs and targets at every σ (Table 1), σ is drawn log-normally in training (ln σ ~
+# N(P_mean, P_std²)), and sampling integrates the probability-flow ODE with Heun's method (Algorithm 1).
+# Class conditioning with label dropout gives classifier-free guidance (Ho & Salimans 2022).
+
+def edm_scalings(sigma, sigma_data):
+    """c_skip, c_out, c_in, c_noise of Karras et al. 2022, Table 1 (EDM column).  sigma (B,) -> four (B,)."""
+    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)  # how much of the noisy input to keep
+    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()  # scale of the network's correction
+    c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()  # makes the network's input unit-variance
+    c_noise = sigma.log() / 4  # the noise level as the network sees it
+    return c_skip, c_out, c_in, c_noise
+
+
+def edm_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """Sampling noise levels σ_0 > ... > σ_{n-1}, then σ_n = 0 (Karras et al. 2022, Eq. 5).  -> (n + 1,)"""
+    i = torch.arange(n, dtype=torch.float64)
+    s = (sigma_max ** (1 / rho) + i / max(n - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+
+
+class ResBlock(nn.Module):
+    """GroupNorm, SiLU, conv, then scale-and-shift by the embedding (Dhariwal & Nichol 2021), GroupNorm,
+    SiLU, dropout, conv; plus the input (a 1x1 conv when the width changes). Every block uses the noise
+    level and the class through `emb`."""
+
+    def __init__(self, cin, cout, emb_dim, dropout):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(8, cin // 4), cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.film = nn.Linear(emb_dim, 2 * cout)  # (scale, shift) per channel
+        self.norm2 = nn.GroupNorm(min(8, cout // 4), cout)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: stable early training
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):  # x (B, cin, H, W), emb (B, emb_dim) -> (B, cout, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.conv2(self.drop(F.silu(self.norm2(h) * (1 + scale) + shift)))
+        return h + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a low-resolution map, residual, output zero-initialised."""
+
+    def __init__(self, c, heads=4):
+        super().__init__()
+        self.norm, self.heads = nn.GroupNorm(min(8, c // 4), c), heads
+        self.qkv, self.proj = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):  # (B, C, H, W) -> same
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, 3, self.heads, C // self.heads, H * W).transpose(3, 4).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
+        return x + self.proj(out.transpose(2, 3).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    """D(x; σ, class) for 32x32 images: EDM preconditioning around a small U-Net.
+
+    Levels at 32, 16, 8 pixels with widths `widths`; `blocks` residual blocks per level on the way down
+    and up (skip connections by concatenation); self-attention at the lowest level and in the middle.
+    The embedding is Fourier features of c_noise through an MLP, plus a learned class embedding
+    (index n_classes means "no class", for classifier-free guidance).
+    """
+
+    def __init__(self, widths=(32, 64, 96), blocks=1, emb_dim=128, n_classes=100, dropout=0.1, sigma_data=0.5):
+        super().__init__()
+        self.sigma_data, self.n_classes = sigma_data, n_classes
+        self.register_buffer("freqs", torch.randn(emb_dim // 4) * 4, persistent=True)  # fixed Fourier frequencies
+        self.noise_mlp = nn.Sequential(nn.Linear(emb_dim // 2, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_embed = nn.Embedding(n_classes + 1, emb_dim)
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.down, self.up = nn.ModuleList(), nn.ModuleList()
+        c = widths[0]
+        for w in widths:  # encoder: blocks per level, skip saved after each level
+            self.down.append(nn.ModuleList(ResBlock(c if i == 0 else w, w, emb_dim, dropout) for i in range(blocks)))
+            c = w
+        self.mid1, self.mid_attn = ResBlock(c, c, emb_dim, dropout), SelfAttention(c)
+        self.mid2 = ResBlock(c, c, emb_dim, dropout)
+        self.low_attn = SelfAttention(c)  # attention at the 8x8 level of the decoder
+        for level, w in reversed(list(enumerate(widths))):  # decoder: first block takes the concatenated skip
+            self.up.append(nn.ModuleList(ResBlock(c + w if i == 0 else w, w, emb_dim, dropout) for i in range(blocks)))
+            c = w
+        self.out_norm, self.out = nn.GroupNorm(min(8, c // 4), c), nn.Conv2d(c, 3, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def embed(self, c_noise, class_emb):  # (B,), (B, emb_dim) -> (B, emb_dim)
+        angles = c_noise[:, None].float() * self.freqs[None] * 2 * math.pi
+        return self.noise_mlp(torch.cat([angles.cos(), angles.sin()], 1)) + class_emb
+
+    def forward(self, x, sigma, class_emb):
+        """D(x; σ): x (B, 3, 32, 32) noisy images, sigma (B,), class_emb (B, emb_dim) -> denoised (B, 3, 32, 32)."""
+        c_skip, c_out, c_in, c_noise = (s[:, None, None, None] for s in edm_scalings(sigma, self.sigma_data))
+        emb = F.silu(self.embed(c_noise.flatten(), class_emb))
+        h, skips = self.stem(c_in * x), []
+        for level, blocks in enumerate(self.down):
+            for block in blocks:
+                h = block(h, emb)
+            skips.append(h)
+            if level < len(self.down) - 1:
+                h = F.avg_pool2d(h, 2)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for i, blocks in enumerate(self.up):
+            h = torch.cat([h, skips.pop()], 1)
+            for block in blocks:
+                h = block(h, emb)
+            if i == 0:
+                h = self.low_attn(h)
+            if i < len(self.up) - 1:
+                h = F.interpolate(h, scale_factor=2, mode="nearest")
+        return c_skip * x + c_out * self.out(F.silu(self.out_norm(h)))
+
+
+def make_unet(cfg):
+    widths = tuple(int(w) for w in cfg.widths.split(","))
+    if any(w % 8 for w in widths):
+        raise UserError(f"--widths {cfg.widths}: every width must be a multiple of 8 (group norm, attention heads)")
+    return UNet(widths, cfg.blocks, cfg.emb_dim, dropout=cfg.dropout, sigma_data=cfg.sigma_data)
+
+
+def edm_loss(net, x, labels, cfg):
+    """Karras et al. 2022, Eq. 2 with λ(σ) = (σ² + σ_d²)/(σ σ_d)²: weighted denoising error at ln σ ~ N(P_mean, P_std²).
+
+    Labels are replaced by the "no class" index with probability p_uncond, training the unconditional
+    model that classifier-free guidance needs inside the same network.
+    """
+    sigma = (torch.randn(len(x), device=x.device) * cfg.p_std + cfg.p_mean).exp()  # (B,)
+    drop = torch.rand(len(x), device=x.device) < cfg.p_uncond
+    labels = torch.where(drop, torch.full_like(labels, net.n_classes), labels)
+    noisy = x + sigma[:, None, None, None] * torch.randn_like(x)  # the forward process: x_σ = x + σ n
+    weight = (sigma ** 2 + cfg.sigma_data ** 2) / (sigma * cfg.sigma_data) ** 2
+    denoised = net(noisy, sigma, net.class_embed(labels))
+    return (weight[:, None, None, None] * (denoised - x) ** 2).mean()
+
+
+@torch.no_grad()
+def guided_denoise(net, x, sigma, class_emb, guidance):
+    """Classifier-free guidance: D_u + w (D_c - D_u); w = 1 is the plain conditional model (one pass)."""
+    s = torch.full((len(x),), sigma, device=x.device, dtype=torch.float32)
+    with autocast(x.device):
+        if guidance == 1:
+            return net(x, s, class_emb).float()
+        null = net.class_embed(torch.full((len(x),), net.n_classes, device=x.device))
+        both = net(torch.cat([x, x]), torch.cat([s, s]), torch.cat([class_emb, null])).float()
+    cond, uncond = both.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+@torch.no_grad()
+def edm_heun_sampler(net, z, class_emb, steps, guidance=1.0):
+    """Karras et al. 2022, Algorithm 1 (deterministic: S_churn = 0): Heun's method on the probability-flow
+    ODE dx/dσ = (x - D(x; σ))/σ from σ_0 = 80 to 0. z (B, 3, 32, 32) ~ N(0, I). NFE = 2 steps - 1."""
+    sigmas = edm_sigmas(steps).tolist()
+    x = z.double() * sigmas[0]  # float64 state: the solver's update stays exact however the net runs
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - guided_denoise(net, x.float(), s, class_emb, guidance).double()) / s
+        x_next = x + (s_next - s) * d  # Euler step
+        if s_next > 0:  # second-order correction (Heun), skipped on the last step to σ = 0
+            d_next = (x_next - guided_denoise(net, x_next.float(), s_next, class_emb, guidance).double()) / s_next
+            x_next = x + (s_next - s) * (d + d_next) / 2
+        x = x_next
+    return x.float()
+
+
+def to_uint8(x):
+    """[-1, 1] floats -> uint8 images, as saved and as FID sees them."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def slerp(a, b, t):
+    """Spherical interpolation between noise tensors (Shoemake 1985): keeps the norm a Gaussian sample has."""
+    a_flat, b_flat = a.flatten(), b.flatten()
+    omega = torch.acos((a_flat @ b_flat / (a_flat.norm() * b_flat.norm())).clamp(-1, 1))
+    if omega.abs() < 1e-6:
+        return (1 - t) * a + t * b
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+def save_grid(path, images, nrow, scale=2, pad=2):
+    """uint8 (N, 3, H, W) -> one PNG grid with nrow images per row, each scaled up `scale` times."""
+    n, _, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    canvas = Image.new("RGB", (nrow * (w * scale + pad) + pad, rows * (h * scale + pad) + pad), "white")
+    for i, img in enumerate(images.cpu()):
+        tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((w * scale, h * scale), Image.NEAREST)
+        canvas.paste(tile, (pad + (i % nrow) * (w * scale + pad), pad + (i // nrow) * (h * scale + pad)))
+    canvas.save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Diffusion training: a budgeted loop, then samples, interpolations, neighbours and FID
+
+def sample_images(net, labels, cfg, device, seed):
+    """Samples for the given class labels from fresh noise z (seeded): (N,) -> uint8 (N, 3, 32, 32)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    t0 = time.time()
+    for i in range(0, len(labels), cfg.sample_batch):
+        lab = labels[i:i + cfg.sample_batch].to(device)
+        z = torch.randn(len(lab), 3, 32, 32, generator=g).to(device)
+        out.append(to_uint8(edm_heun_sampler(net, z, net.class_embed(lab), cfg.sampler_steps, cfg.guidance)).cpu())
+        done = i + len(lab)
+        if len(labels) > cfg.sample_batch:
+            rate = done / (time.time() - t0)
+            print(f"\rsampling {done}/{len(labels)} | {rate:.0f} img/s | eta {fmt_time((len(labels) - done) / rate)}",
+                  end="\n" if done == len(labels) else "", file=sys.stderr, flush=True)
+    return torch.cat(out)
+
+
+def interpolations(net, cfg, device, seed, pairs=8, frames=10):
+    """For each pair: slerp the noise and lerp the class embedding, then run the deterministic sampler.
+    Frame 0 and frame -1 are exactly the two endpoint samples.  -> uint8 (pairs * frames, 3, 32, 32)"""
+    g = torch.Generator().manual_seed(seed + 1)
+    za, zb = torch.randn(pairs, 3, 32, 32, generator=g), torch.randn(pairs, 3, 32, 32, generator=g)
+    la, lb = torch.randint(0, net.n_classes, (pairs,), generator=g), torch.randint(0, net.n_classes, (pairs,), generator=g)
+    ea, eb = net.class_embed(la.to(device)), net.class_embed(lb.to(device))
+    ts = torch.linspace(0, 1, frames).tolist()
+    z = torch.stack([slerp(za[p], zb[p], t) for p in range(pairs) for t in ts]).to(device)
+    emb = torch.stack([(1 - t) * ea[p] + t * eb[p] for p in range(pairs) for t in ts])
+    return to_uint8(edm_heun_sampler(net, z, emb, cfg.sampler_steps, cfg.guidance)).cpu(), (la, lb)
+
+
+def nearest_neighbours(samples, train_u8, k=3, inception=None):
+    """Pixel-L2 (and, given the Inception net, feature-L2) nearest training images of each sample."""
+    a = samples.float().flatten(1)  # (S, 3072)
+    best_d, best_i = [], []
+    for i in range(0, len(train_u8), 10_000):  # chunks keep the (S, chunk) distance matrix small
+        d = torch.cdist(a, train_u8[i:i + 10_000].float().flatten(1).to(a.device))
+        dd, ii = d.topk(k, dim=1, largest=False)
+        best_d.append(dd), best_i.append(ii + i)
+    d, idx = torch.cat(best_d, 1), torch.cat(best_i, 1)
+    order = d.argsort(1)[:, :k]
+    result = {"pixel_l2": d.gather(1, order).tolist(), "pixel_index": idx.gather(1, order).tolist()}
+    if inception is not None:
+        import fid
+        fs = torch.from_numpy(fid.inception_features(samples, inception, quiet=True))
+        ft = torch.from_numpy(fid.inception_features(train_u8, inception))
+        dd, ii = torch.cdist(fs, ft).topk(k, dim=1, largest=False)
+        result.update(inception_l2=dd.tolist(), inception_index=ii.tolist())
+    return result
+
+
+def train_generator(cfg, net, ema, opt, x_train, y_train, device, ckpt_path, start):
+    """The budgeted training loop; returns the loss curve. The checkpoint holds everything for exact resume."""
+    sample = EpochSampler(len(x_train), cfg.batch_size, cfg.seed, device)
+    curve = {"step": [], "loss": []}
+
+    def checkpoint(step):
+        save_checkpoint(ckpt_path, {"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                    "step": step, "steps_budget": GEN_STEP_LIMIT, "config": asdict(cfg),
+                                    "curve": curve})
+
+    if start:
+        curve = torch.load(ckpt_path, map_location="cpu", weights_only=False)["curve"]
+    t_log, loss_sum, n_sum = time.time(), 0.0, 0
+    stop_at = min(cfg.pause_at or cfg.steps, cfg.steps)
+    with StopFlag() as flag:
+        for step in range(start, stop_at):
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # noise levels, noise, dropout, flips: from (seed, step)
+            lr = get_lr(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = sample(step)
+            xb = x_train[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]  (B, 3, 32, 32)
+            flip = torch.rand(len(xb), device=device) < 0.5
+            xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)  # horizontal flips
+            net.train()
+            with autocast(device):
+                loss = edm_loss(net, xb, y_train[idx], cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            ema_update(ema, net, min(cfg.ema, (1 + step) / (10 + step)))
+            loss_sum, n_sum, done = loss_sum + loss.detach(), n_sum + 1, step + 1
+            if done % cfg.log_every == 0 or done == stop_at:
+                ms = 1000 * (time.time() - t_log) / n_sum
+                curve["step"].append(done), curve["loss"].append(loss_sum.item() / n_sum)
+                print(f"step {done:6d}/{cfg.steps} | loss {curve['loss'][-1]:.4f} | lr {lr:.1e} | "
+                      f"{cfg.batch_size * 1000 / ms:.0f} img/s | {ms:.1f} ms/step | eta {fmt_time(ms * (cfg.steps - done) / 1000)}",
+                      flush=True)
+                t_log, loss_sum, n_sum = time.time(), 0.0, 0
+            if done % cfg.sample_every == 0 and done < cfg.steps:  # a grid to watch the run by
+                ema.eval()
+                save_grid(os.path.join(cfg.out, "progress.png"), sample_images(ema, torch.arange(64) % 100, cfg, device,
+                                                                               cfg.seed), nrow=8)
+                checkpoint(done)
+                t_log = time.time()
+            if flag.stop:
+                checkpoint(done)
+                raise UserError(f"interrupted after step {done:,}; checkpoint saved in {ckpt_path}, "
+                                f"continue with --resume --out {cfg.out}")
+    checkpoint(stop_at)
+    if stop_at < cfg.steps:
+        print(f"paused after step {stop_at:,} as asked (--pause-at); continue with --resume --out {cfg.out}")
+        return None
+    return curve
+
+
+def generate(cfg):
+    """`python mm.py generate`: train the class-conditional diffusion model, then write every output."""
+    device = pick_device(cfg.device)
+    for name in ("steps", "batch_size", "sampler_steps", "log_every", "sample_every", "sample_batch"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    torch.manual_seed(cfg.seed)  # the initial weights (and Fourier frequencies) depend on the seed alone
+    net = make_unet(cfg).to(device, memory_format=torch.channels_last)
+    n_params = count_params(net)
+    print(f"generate on {device} | U-Net widths {cfg.widths}, {cfg.blocks} block(s) per level")
+    enforce_budget("Number of parameters", n_params, GEN_PARAM_LIMIT, inclusive=False, allow_penalty=cfg.allow_penalty)
+    print("  (every trained network counted: the U-Net with its embeddings; the EMA is an average of the same "
+          "weights, not a second network)")
+    enforce_budget("Number of optimisation steps", cfg.steps, GEN_STEP_LIMIT, inclusive=True, allow_penalty=cfg.allow_penalty)
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_path = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
+    ema = make_unet(cfg).to(device, memory_format=torch.channels_last)
+    ema.load_state_dict(net.state_dict())
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    start, t0 = 0, time.time()
+    if cfg.resume or cfg.sample_only:
+        if not os.path.exists(ckpt_path):
+            raise UserError(f"no checkpoint at {ckpt_path}; train first, or point --ckpt at one")
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ck["step"] > cfg.steps and not cfg.sample_only:
+            raise UserError(f"{ckpt_path} has already taken {ck['step']:,} steps, more than --steps {cfg.steps:,}")
+        try:
+            net.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
+        except (RuntimeError, ValueError):
+            raise UserError(f"{ckpt_path} holds another architecture than --widths {cfg.widths} --blocks {cfg.blocks}; "
+                            f"pass the same ones") from None
+        start = ck["step"]
+        print(f"loaded {ckpt_path} at step {start:,}")
+    elif os.path.exists(ckpt_path):
+        raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
+    x_train, y_train = (torch.from_numpy(a).to(device) for a in data.load_split("cifar100", "train", cfg.data_dir or None))
+    save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+    if cfg.sample_only:
+        curve = ck["curve"]
+    else:
+        print(f"> Work per step: {cfg.batch_size} images; {cfg.steps * cfg.batch_size:,} images seen; CIFAR-100 train "
+              f"{tuple(x_train.shape)}")
+        curve = train_generator(cfg, net, ema, opt, x_train, y_train, device, ckpt_path, start)
+        if curve is None:  # paused
+            return None
+    train_seconds = time.time() - t0
+    ema.eval()
+    nfe = (2 * cfg.sampler_steps - 1) * (1 if cfg.guidance == 1 else 2)
+    labels = torch.arange(max(cfg.fid_samples, 64)) % 100  # classes cycled; at least the 64 of the grid
+    t1 = time.time()
+    images = sample_images(ema, labels, cfg, device, cfg.seed)  # (N, 3, 32, 32) uint8
+    sample_seconds = time.time() - t1
+    save_grid(os.path.join(cfg.out, "samples.png"), images[:64], nrow=8)  # the first 64, not cherry-picked
+    np.savez(os.path.join(cfg.out, "samples.npz"), images=images.numpy(), labels=labels.numpy())
+    frames, (la, lb) = interpolations(ema, cfg, device, cfg.seed)
+    save_grid(os.path.join(cfg.out, "interpolations.png"), frames, nrow=10)
+    metrics = {"params": n_params, "steps": cfg.steps, "sampler": "EDM Heun (Karras et al. 2022, Alg. 1)",
+               "sampler_steps": cfg.sampler_steps, "nfe": nfe, "guidance": cfg.guidance,
+               "fid_samples": len(images), "loss_curve": curve, "train_seconds": train_seconds,
+               "sample_seconds": sample_seconds, "interpolation_classes": [la.tolist(), lb.tolist()],
+               "config": asdict(cfg)}
+    inception = None
+    try:
+        import fid
+        inception = fid.load_inception(device, cfg.data_dir or None)
+        x_test, _ = data.load_test("cifar100", cfg.data_dir or None)  # the test split is used for FID only
+        ref = fid.reference_stats(x_test, {"dataset": "cifar100", "split": "test"}, inception,
+                                  data.data_root(cfg.data_dir or None))
+        metrics["fid"] = fid.frechet_distance(*fid.stats_of(images, inception), *ref)
+        metrics["fid_protocol"] = "pytorch-fid (Inception pool3, bilinear 299), samples vs the CIFAR-100 test split"
+    except UserError as e:
+        metrics["fid"], metrics["fid_unavailable"] = None, str(e)
+        print(f"FID skipped: {e}")
+    show = images[:8]
+    nn_result = nearest_neighbours(show.to(device), x_train, k=3, inception=inception)
+    metrics["neighbours"] = nn_result
+    rows = [torch.stack([show[i].cpu()] + [x_train[j].cpu() for j in nn_result["pixel_index"][i]]) for i in range(len(show))]
+    save_grid(os.path.join(cfg.out, "neighbours.png"), torch.cat(rows), nrow=4)
+    metrics["wall_seconds"] = time.time() - t0
+    save_json(os.path.join(cfg.out, "metrics.json"), metrics)
+    print(f"\nparams {n_params:,} | steps {cfg.steps:,} | sampler Heun {cfg.sampler_steps} steps, NFE {nfe}, guidance "
+          f"{cfg.guidance} | FID ({len(images):,} samples) {metrics['fid'] if metrics['fid'] is None else round(metrics['fid'], 2)}")
+    print(f"wrote {cfg.out}/samples.png, interpolations.png, neighbours.png, samples.npz, metrics.json, ckpt.pt")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
 # Depth study: a plain 38-layer CNN fails to train, gradient flow shows why, BN and residuals fix it
 
 class ProcessingBlock(nn.Module):
@@ -813,11 +1251,19 @@ def gradflow(cfg):
 # CLI
 
 COMMANDS = {"classify": (ClassifyConfig, classify, "train the AddNIST classifier under its budget"),
+            "generate": (GenerateConfig, generate, "train the CIFAR-100 diffusion model under its budget, sample, score"),
             "gradflow": (GradflowConfig, gradflow, "depth study: VGG_08 vs VGG_38 on CIFAR-100, gradient flow, fixes")}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line (what is wrong, where to look) instead of a usage block."""
+
+    def error(self, message):
+        sys.exit(f"error: {message} (see {self.prog} --help)")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, text) in COMMANDS.items():
         add_config_args(sub.add_parser(name, help=text, description=text), cls)

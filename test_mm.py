@@ -10,6 +10,7 @@ import http.server
 import io
 import itertools
 import json
+import math
 import os
 import pickle
 import shutil
@@ -98,13 +99,17 @@ def addnist_zip_bytes(nested=True):
     return outer.getvalue()
 
 
-def cifar100_tar_bytes(n_train=20, n_test=10, seed=0):
-    """cifar-100-python.tar.gz: pickles with bytes keys, b'data' uint8 (N, 3072) channel-major."""
+def cifar100_tar_bytes(n_train=20, n_test=10, seed=0, smooth=False):
+    """cifar-100-python.tar.gz: pickles with bytes keys, b'data' uint8 (N, 3072) channel-major.
+
+    smooth gives images with structure to learn (one colour per image) instead of uniform noise."""
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for split, n in (("train", n_train), ("test", n_test)):
-            d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            pixels = (np.repeat(rng.integers(0, 256, (n, 3, 1), dtype=np.uint8), 1024, axis=2).reshape(n, 3072)
+                      if smooth else rng.integers(0, 256, (n, 3072), dtype=np.uint8))
+            d = {b"data": pixels,
                  b"fine_labels": rng.integers(0, 100, n).tolist(), b"coarse_labels": [0] * n,
                  b"filenames": [b"x.png"] * n, b"batch_label": split.encode()}
             blob = pickle.dumps(d, protocol=2)
@@ -412,16 +417,185 @@ def test_cli_help_and_one_line_errors():
     assert set(helps) == {f.name for f in mm.fields(mm.ClassifyConfig)}  # every knob is documented
     run = lambda *a: subprocess.run([sys.executable, os.path.join(HERE, "mm.py"), *a], capture_output=True,
                                     text=True, timeout=120)
-    r = run("classify", "--help")
-    assert r.returncode == 0 and "--allow-penalty" in r.stdout and "--resume" in r.stdout
+    for command, cls in (("classify", mm.ClassifyConfig), ("gradflow", mm.GradflowConfig), ("generate", mm.GenerateConfig)):
+        r = run(command, "--help")
+        assert r.returncode == 0 and all("--" + f.name.replace("_", "-") in r.stdout for f in mm.fields(cls)), command
+        assert set(mm.field_help(cls)) == {f.name for f in mm.fields(cls)}  # every knob has its comment
     root = write_addnist(tmpdir())
-    for args, needle in ((["--arch", "32,X"], "--arch"), (["--device", "cuda"], "cuda"),
-                         (["--steps", "0"], "--steps"), (["--batch-size", "4096"], "--batch-size")):
+    for args, needle in ((["classify", "--arch", "32,X"], "--arch"), (["classify", "--device", "cuda"], "cuda"),
+                         (["classify", "--steps", "0"], "--steps"), (["classify", "--batch-size", "4096"], "--batch-size"),
+                         (["classify", "--lr", "fast"], "--lr"), (["gradflow", "--depth", "9"], "--depth"),
+                         (["generate", "--widths", "8,12,16"], "multiple of 8"), (["generate", "--steps", "60000"], "60,000"),
+                         (["nonsense"], "invalid choice")):
         if needle == "cuda" and torch.cuda.is_available():
             continue
-        r = run("classify", "--data-dir", root, "--out", tmpdir(), *args)
+        r = run(*args[:1], *(["--data-dir", root, "--out", tmpdir()] if args[0] != "nonsense" else []), *args[1:])
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator
+
+def test_edm_scalings_and_schedule_closed_forms():
+    sd = 0.5
+    c_skip, c_out, c_in, c_noise = mm.edm_scalings(torch.tensor([sd]), sd)
+    assert torch.allclose(torch.cat([c_skip, c_out, c_in, c_noise]),
+                          torch.tensor([0.5, sd / 2 ** 0.5, 1 / (sd * 2 ** 0.5), math.log(sd) / 4]))
+    sigma = torch.logspace(-3, 2, 20)
+    c_skip, c_out, c_in, _ = mm.edm_scalings(sigma, sd)
+    weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+    assert torch.allclose(weight * c_out ** 2, torch.ones(20))  # λ(σ) c_out² = 1: unit-weight targets (EDM)
+    assert torch.allclose(c_in ** 2 * (sigma ** 2 + sd ** 2), torch.ones(20))  # unit-variance network input
+    s = mm.edm_sigmas(18)
+    assert len(s) == 19 and abs(s[0] - 80) < 1e-9 and abs(s[17] - 0.002) < 1e-12 and s[18] == 0
+    assert bool((s[1:] < s[:-1]).all())
+
+
+class RecordingNet(torch.nn.Module):
+    """Stands in for the U-Net: records what edm_loss feeds it and returns the noisy input."""
+    n_classes = 100
+
+    def __init__(self):
+        super().__init__()
+        self.class_embed = torch.nn.Embedding(101, 4)
+
+    def forward(self, x, sigma, emb):
+        self.seen = (x.detach(), sigma.detach(), emb.detach())
+        return x
+
+
+def test_forward_noising_matches_closed_form():
+    torch.manual_seed(0)
+    cfg = mm.GenerateConfig()
+    net, x = RecordingNet(), torch.rand(4096, 3, 4, 4) * 2 - 1
+    mm.edm_loss(net, x, torch.zeros(4096, dtype=torch.long), cfg)
+    noisy, sigma, _ = net.seen
+    n = (noisy - x) / sigma[:, None, None, None]  # x_σ = x + σ n  =>  n ~ N(0, I)
+    assert abs(n.mean()) < 0.01 and abs(n.std() - 1) < 0.01
+    ls = sigma.log()  # ln σ ~ N(P_mean, P_std²)
+    assert abs(ls.mean() - cfg.p_mean) < 0.06 and abs(ls.std() - cfg.p_std) < 0.06
+    assert abs((torch.stack([net.class_embed.weight[100]] * 1) - 0).abs().sum()) > 0  # the null class exists
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """The exact denoiser of data ~ N(0, s_d² I): D(x; σ) = x s_d² / (σ² + s_d²)."""
+    n_classes = 100
+
+    def __init__(self, sd=0.5):
+        super().__init__()
+        self.sd, self.class_embed = sd, torch.nn.Embedding(101, 4)
+
+    def forward(self, x, sigma, emb):
+        return x * self.sd ** 2 / (sigma[:, None, None, None] ** 2 + self.sd ** 2)
+
+
+def test_heun_sampler_solves_the_ode():
+    # For Gaussian data the probability-flow ODE has the closed form x(σ) = x(σ0) sqrt(σ² + s_d²)/sqrt(σ0² + s_d²).
+    net, sd = GaussianDenoiser(), 0.5
+    z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    emb = net.class_embed(torch.zeros(2, dtype=torch.long))
+    exact = z * 80 * sd / math.sqrt(80 ** 2 + sd ** 2)
+    err = {n: ((mm.edm_heun_sampler(net, z, emb, steps=n) - exact).abs().max() / exact.abs().max()).item()
+           for n in (18, 100, 200)}
+    assert err[200] < 1e-3 and err[18] < 0.1, err
+    assert 3.0 < err[100] / err[200] < 5.0, err  # doubling the steps divides the error by ~4: second order (Heun)
+    print(f"OK Heun sampler vs exact ODE solution (rel err {err[18]:.1e} at 18 steps, {err[200]:.1e} at 200, "
+          f"order {math.log2(err[100] / err[200]):.2f})")
+
+
+def tiny_gen_cfg(root, out, **kw):
+    base = dict(data_dir=root, out=out, widths="8,16,16", emb_dim=32, steps=6, batch_size=8, warmup=2,
+                sampler_steps=2, fid_samples=16, sample_batch=16, log_every=3, sample_every=1000, device="cpu")
+    return mm.GenerateConfig(**{**base, **kw})
+
+
+@contextlib.contextmanager
+def tiny_cifar(n_train=24, n_test=16, smooth=False):
+    """A CIFAR-100 archive in the official format, and no reachable FID weights (offline)."""
+    root = tmpdir()
+    blob = cifar100_tar_bytes(n_train=n_train, n_test=n_test, smooth=smooth)
+    with open(os.path.join(root, "cifar-100-python.tar.gz"), "wb") as f:
+        f.write(blob)
+    with http_server({}) as (url, _):
+        closed = url
+    with patched(data, CIFAR100_MD5=hashlib.md5(blob).hexdigest(), CIFAR100_BYTES=len(blob)), \
+            patched(fid, WEIGHTS_URL=closed + "/w.pth"):
+        yield root
+
+
+def test_generate_outputs_determinism_and_sample_only():
+    with tiny_cifar() as root:
+        out = tmpdir()
+        m, log = quiet(mm.generate, tiny_gen_cfg(root, out))
+        assert "> Number of parameters" in log and "EMA" in log
+        assert m["fid"] is None and "Inception weights" in m["fid_unavailable"]  # offline: null with the reason
+        saved = json.load(open(os.path.join(out, "metrics.json")))
+        for key in ("params", "steps", "fid", "fid_samples", "sampler", "nfe", "guidance", "loss_curve", "wall_seconds"):
+            assert key in saved, key
+        assert saved["nfe"] == 3 and saved["loss_curve"]["step"] == [3, 6]
+        npz = np.load(os.path.join(out, "samples.npz"))
+        assert npz["images"].shape == (64, 3, 32, 32) and npz["images"].dtype == np.uint8  # never fewer than the grid
+        assert npz["labels"].tolist() == list(range(64))  # classes cycled
+        from PIL import Image
+        assert Image.open(os.path.join(out, "samples.png")).size == (8 * 66 + 2,) * 2  # 64 slots of 32x2 + 2 px
+        assert Image.open(os.path.join(out, "interpolations.png")).size == (10 * 66 + 2, 8 * 66 + 2)
+        assert Image.open(os.path.join(out, "neighbours.png")).size == (4 * 66 + 2, 8 * 66 + 2)
+        assert len(saved["neighbours"]["pixel_l2"]) == 8 and len(saved["neighbours"]["pixel_l2"][0]) == 3
+        # --sample-only regenerates the same samples from the checkpoint (the sampler is deterministic).
+        out2 = tmpdir()
+        quiet(mm.generate, tiny_gen_cfg(root, out2, sample_only=True, ckpt=os.path.join(out, "ckpt.pt")))
+        assert np.array_equal(np.load(os.path.join(out2, "samples.npz"))["images"], npz["images"])
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), sample_only=True)), "no checkpoint")
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, out)), "--resume")
+
+
+def test_interpolation_end_frames_are_the_samples():
+    torch.manual_seed(0)
+    cfg = tiny_gen_cfg("", "")
+    net = mm.make_unet(cfg).eval()
+    for p in net.parameters():  # a non-trivial network (zero-initialised outputs would make every frame equal)
+        torch.nn.init.normal_(p, std=0.05)
+    frames, (la, lb) = mm.interpolations(net, cfg, torch.device("cpu"), seed=3, pairs=2, frames=5)
+    g = torch.Generator().manual_seed(4)  # the same draws as interpolations(seed=3)
+    za, zb = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
+    for p in range(2):
+        a = mm.to_uint8(mm.edm_heun_sampler(net, za[p:p + 1], net.class_embed(la[p:p + 1]), cfg.sampler_steps))
+        b = mm.to_uint8(mm.edm_heun_sampler(net, zb[p:p + 1], net.class_embed(lb[p:p + 1]), cfg.sampler_steps))
+        assert (frames[5 * p].int() - a[0].int()).abs().max() <= 1  # <= 1 level: batch-size rounding only
+        assert (frames[5 * p + 4].int() - b[0].int()).abs().max() <= 1
+        assert not torch.equal(frames[5 * p + 2], a[0])  # the midpoint is an image of its own
+    mid = mm.slerp(za[0], zb[0], 0.5)
+    assert abs(mid.norm() / za[0].norm() - 1) < 0.05  # slerp keeps a Gaussian sample's norm (lerp would shrink it)
+
+
+def test_generator_budgets_resume_and_learning():
+    with tiny_cifar(n_train=16, smooth=True) as root:
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), widths="64,128,256")), "1,000,000",
+                     "--allow-penalty")
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), steps=50_001)), "50,001", "-5 marks")
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), widths="8,12,16")), "multiple of 8")
+        # Exact resume: paused after 3 of 6 steps, then resumed == 6 straight (same batches, noise, weights).
+        straight, part = tmpdir(), tmpdir()
+        quiet(mm.generate, tiny_gen_cfg(root, straight))
+        assert quiet(mm.generate, tiny_gen_cfg(root, part, pause_at=3))[0] is None
+        assert torch.load(os.path.join(part, "ckpt.pt"), weights_only=False)["step"] == 3
+        _, log = quiet(mm.generate, tiny_gen_cfg(root, part, resume=True))
+        a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
+        b = torch.load(os.path.join(part, "ckpt.pt"), weights_only=False)
+        assert b["step"] == 6 and "at step 3" in log
+        for k in a["ema"]:
+            assert torch.equal(a["ema"][k], b["ema"][k]), k
+        assert np.array_equal(np.load(os.path.join(straight, "samples.npz"))["images"],
+                              np.load(os.path.join(part, "samples.npz"))["images"])
+        # Resuming can neither exceed the budget nor go below the steps already taken.
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, part, resume=True, steps=2)), "already taken 6")
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, part, resume=True, steps=50_001)), "budget")
+        # The loss falls on a tiny dataset.
+        m, _ = quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), steps=150, lr=3e-3, warmup=10, log_every=25,
+                                               fid_samples=2, sample_batch=2, dropout=0.0))
+        losses = m["loss_curve"]["loss"]
+        assert losses[-1] < 0.85 * losses[0] and losses[-1] < min(losses[:3]), losses
 
 
 # ---------------------------------------------------------------------------------------------
