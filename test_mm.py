@@ -176,6 +176,18 @@ def test_download_good_file_then_cached_offline():
     assert open(dest, "rb").read() == body and not os.path.exists(dest + ".part")
     # The server is gone now: a file already in place must be used without any network access.
     assert data.download("http://127.0.0.1:9/gone", dest, md5=md5, size=len(body)) == dest
+    # A file in place that fails its checksum is used only on explicit request (stand-ins), and said so.
+    old = os.environ.pop("MM_TRUST_LOCAL", None)
+    try:
+        os.environ["MM_TRUST_LOCAL"] = "1"
+        _, note = quiet(data.download, "http://127.0.0.1:9/gone", dest, md5="0" * 32)
+        assert "without checking" in note and open(dest, "rb").read() == body
+        del os.environ["MM_TRUST_LOCAL"]
+        expect_error(lambda: data.download("http://127.0.0.1:9/gone", dest, md5="0" * 32), "MM_TRUST_LOCAL")
+        assert os.path.exists(dest + ".bad") and not os.path.exists(dest)
+    finally:
+        if old is not None:
+            os.environ["MM_TRUST_LOCAL"] = old
 
 
 def test_download_wrong_checksum_is_kept_aside():
