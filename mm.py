@@ -213,7 +213,10 @@ def save_checkpoint(path, state):
 
 
 class StopFlag:
-    """First Ctrl-C (or SIGTERM) asks the loop to stop at the next step boundary; a second one aborts."""
+    """First Ctrl-C (or SIGTERM) asks the loop to stop at the next step boundary; a second one aborts.
+
+    The loops check `stop` after every step and leave through a checkpoint (gradflow's are per epoch).
+    """
 
     def __enter__(self):
         self.stop = False
@@ -1143,6 +1146,9 @@ def train_vgg(cfg, seed, run_dir, splits, device):
                     flows.append(gradient_flow(model))
                 opt.step()
                 loss_sum, correct = loss_sum + loss.detach(), correct + (out.argmax(1) == yb).sum()
+                if flag.stop and i < per_epoch - 1:  # checkpoints are per epoch: keep the last one intact
+                    raise UserError(f"interrupted in epoch {epoch + 1}; the checkpoint after epoch {epoch} in "
+                                    f"{ckpt_path} is kept, and --resume --out {cfg.out} repeats epoch {epoch + 1}")
                 if (step + 1) % cfg.log_every == 0:
                     ms = 1000 * (time.time() - t_log) / cfg.log_every
                     left = cfg.epochs * per_epoch - step - 1

@@ -688,6 +688,26 @@ def test_gradflow_runs_on_tiny_cifar_and_resumes():
         assert os.path.getsize(os.path.join(run, png)) > 1000
 
 
+def test_interrupt_stops_at_the_next_step():
+    class Pressed(mm.StopFlag):  # as if Ctrl-C came during the first step
+        def __enter__(self):
+            super().__enter__()
+            self.stop = True
+            return self
+
+    root = write_addnist(tmpdir())
+    out = tmpdir()
+    with patched(mm, StopFlag=Pressed):
+        expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out)), "interrupted after step 1", "--resume")
+    assert torch.load(os.path.join(out, "run0", "ckpt.pt"), weights_only=False)["step"] == 1
+    with tiny_cifar() as croot:
+        cfg = mm.GradflowConfig(data_dir=croot, out=tmpdir(), depth=8, epochs=2, batch_size=4, val_size=4,
+                                device="cpu")
+        with patched(mm, StopFlag=Pressed):
+            expect_error(lambda: quiet(mm.gradflow, cfg), "interrupted in epoch 1", "repeats epoch 1")
+        assert not any("ckpt.pt" in f for _, _, fs in os.walk(cfg.out) for f in fs)  # no half-epoch checkpoint
+
+
 # ---------------------------------------------------------------------------------------------
 # fid.py: the distance in closed form, the square root against scipy, the network's structure
 
