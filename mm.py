@@ -283,6 +283,8 @@ def line_plot(path, series, title, xlabel, ylabel, size=(800, 500), logy=False, 
         for p in pts[-1:]:
             d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
     legend = dict((label, colour) for label, _, _, colour in series)
+    d.rectangle([W - right - 156, top + 2, W - right - 4, top + 18 * len(legend) + 4], fill="white",
+                outline=(200, 200, 200))  # the legend sits on its own box, above the lines
     for i, (label, colour) in enumerate(legend.items()):
         y = top + 10 + 18 * i
         d.line([W - right - 150, y, W - right - 125, y], fill=colour, width=3)
