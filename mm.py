@@ -183,6 +183,13 @@ def enforce_budget(name, value, limit, inclusive, allow_penalty):
     return penalty
 
 
+def require_positive(cfg, names):
+    """One-line error for any of these config fields below 1 (steps, batch sizes, intervals...)."""
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+
+
 def count_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -554,9 +561,7 @@ def plot_accuracy(path, results):
 def classify(cfg):
     """`python mm.py classify`: train cfg.runs seeds, print a table, write metrics.json and accuracy.png."""
     device = pick_device(cfg.device)
-    for name in ("steps", "runs", "batch_size", "eval_every", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    require_positive(cfg, ("steps", "runs", "batch_size", "eval_every", "log_every"))
     n_params = count_params(make_classifier(cfg))
     print(f"classify on {device} | model {cfg.model} | arch {cfg.arch}")
     enforce_budget("Number of parameters", n_params, PARAM_LIMIT, inclusive=False, allow_penalty=cfg.allow_penalty)
@@ -914,9 +919,7 @@ def train_generator(cfg, net, ema, opt, x_train, y_train, device, ckpt_path, sta
 def generate(cfg):
     """`python mm.py generate`: train the class-conditional diffusion model, then write every output."""
     device = pick_device(cfg.device)
-    for name in ("steps", "batch_size", "sampler_steps", "log_every", "sample_every", "sample_batch"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    require_positive(cfg, ("steps", "batch_size", "sampler_steps", "log_every", "sample_every", "sample_batch"))
     torch.manual_seed(cfg.seed)  # the initial weights (and Fourier frequencies) depend on the seed alone
     net = make_unet(cfg).to(device, memory_format=torch.channels_last)
     n_params = count_params(net)
@@ -1217,9 +1220,7 @@ def load_cifar_splits(cfg, device):
 def gradflow(cfg):
     """`python mm.py gradflow`: train one configuration (or --compare the five), with gradient-flow plots."""
     device = pick_device(cfg.device)
-    for name in ("epochs", "runs", "batch_size", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    require_positive(cfg, ("epochs", "runs", "batch_size", "log_every"))
     configs = [c for c in COMPARE] if cfg.compare else \
         [(f"VGG_{cfg.depth:02d}" + " + BN" * cfg.bn + " + residual" * cfg.residual, cfg.depth, cfg.bn, cfg.residual,
           cfg.lr, None)]
