@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import data
+import fid
 from data import UserError, fmt_time
 
 # ---------------------------------------------------------------------------------------------
@@ -851,7 +852,6 @@ def nearest_neighbours(samples, train_u8, k=3, inception=None):
     order = d.argsort(1)[:, :k]
     result = {"pixel_l2": d.gather(1, order).tolist(), "pixel_index": idx.gather(1, order).tolist()}
     if inception is not None:
-        import fid
         fs = torch.from_numpy(fid.inception_features(samples, inception, quiet=True))
         ft = torch.from_numpy(fid.inception_features(train_u8, inception))
         dd, ii = torch.cdist(fs, ft).topk(k, dim=1, largest=False)
@@ -859,18 +859,16 @@ def nearest_neighbours(samples, train_u8, k=3, inception=None):
     return result
 
 
-def train_generator(cfg, net, ema, opt, x_train, y_train, device, ckpt_path, start):
-    """The budgeted training loop; returns the loss curve. The checkpoint holds everything for exact resume."""
+def train_generator(cfg, net, ema, opt, x_train, y_train, device, ckpt_path, start, curve):
+    """The budgeted loop from step `start`, extending `curve`; returns it (None when paused).
+    The checkpoint holds everything for exact resume."""
     sample = EpochSampler(len(x_train), cfg.batch_size, cfg.seed, device)
-    curve = {"step": [], "loss": []}
 
     def checkpoint(step):
         save_checkpoint(ckpt_path, {"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                     "step": step, "steps_budget": GEN_STEP_LIMIT, "config": asdict(cfg),
                                     "curve": curve})
 
-    if start:
-        curve = torch.load(ckpt_path, map_location="cpu", weights_only=False)["curve"]
     t_log, loss_sum, n_sum = time.time(), 0.0, 0
     stop_at = min(cfg.pause_at or cfg.steps, cfg.steps)
     with StopFlag() as flag:
@@ -933,7 +931,7 @@ def generate(cfg):
     ema = make_unet(cfg).to(device, memory_format=torch.channels_last)
     ema.load_state_dict(net.state_dict())
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    start, t0 = 0, time.time()
+    start, curve, t0 = 0, {"step": [], "loss": []}, time.time()
     if cfg.resume or cfg.sample_only:
         if not os.path.exists(ckpt_path):
             raise UserError(f"no checkpoint at {ckpt_path}; train first, or point --ckpt at one")
@@ -945,18 +943,16 @@ def generate(cfg):
         except (RuntimeError, ValueError):
             raise UserError(f"{ckpt_path} holds another architecture than --widths {cfg.widths} --blocks {cfg.blocks}; "
                             f"pass the same ones") from None
-        start = ck["step"]
+        start, curve = ck["step"], ck["curve"]
         print(f"loaded {ckpt_path} at step {start:,}")
     elif os.path.exists(ckpt_path):
         raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
     x_train, y_train = (torch.from_numpy(a).to(device) for a in data.load_split("cifar100", "train", cfg.data_dir or None))
     save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
-    if cfg.sample_only:
-        curve = ck["curve"]
-    else:
+    if not cfg.sample_only:
         print(f"> Work per step: {cfg.batch_size} images; {cfg.steps * cfg.batch_size:,} images seen; CIFAR-100 train "
               f"{tuple(x_train.shape)}")
-        curve = train_generator(cfg, net, ema, opt, x_train, y_train, device, ckpt_path, start)
+        curve = train_generator(cfg, net, ema, opt, x_train, y_train, device, ckpt_path, start, curve)
         if curve is None:  # paused
             return None
     train_seconds = time.time() - t0
@@ -977,7 +973,6 @@ def generate(cfg):
                "config": asdict(cfg)}
     inception = None
     try:
-        import fid
         inception = fid.load_inception(device, cfg.data_dir or None)
         x_test, _ = data.load_test("cifar100", cfg.data_dir or None)  # the test split is used for FID only
         ref = fid.reference_stats(x_test, {"dataset": "cifar100", "split": "test"}, inception,
