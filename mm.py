@@ -87,7 +87,7 @@ class GradflowConfig:
     epochs: int = 100  # passes over the 47,500 training images
     batch_size: int = 100  # images per step
     lr: float = 1e-3  # Adam learning rate at the start; cosine annealing per epoch down to min_lr
-    min_lr: float = 2e-5  # learning rate reached at the last epoch
+    min_lr: float = 2e-5  # floor of the cosine: lr at epoch e is min_lr + (lr - min_lr)(1 + cos(pi e / epochs))/2 (CosineAnnealingLR)
     val_size: int = 2_500  # training images held out for validation (seeded permutation)
     # runs, hardware
     runs: int = 1  # independent runs with seeds seed, seed+1, ...
@@ -119,6 +119,7 @@ class GenerateConfig:
     p_mean: float = -1.2  # mean of ln σ during training
     p_std: float = 1.2  # standard deviation of ln σ during training
     p_uncond: float = 0.1  # probability of dropping the class label (trains the unconditional model too)
+    flip: bool = True  # random horizontal flips (right for CIFAR objects; --no-flip for the digit stand-in)
     # sampling
     sampler_steps: int = 18  # Heun steps (NFE = 2 steps - 1, doubled when guidance != 1)
     guidance: float = 1.0  # classifier-free guidance scale w (1 = plain conditional)
@@ -879,7 +880,7 @@ def train_generator(cfg, net, ema, opt, x_train, y_train, device, ckpt_path, sta
                 group["lr"] = lr
             idx = sample(step)
             xb = x_train[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]  (B, 3, 32, 32)
-            flip = torch.rand(len(xb), device=device) < 0.5
+            flip = torch.rand(len(xb), device=device) < (0.5 if cfg.flip else 0.0)
             xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)  # horizontal flips
             net.train()
             with autocast(device):
@@ -991,7 +992,8 @@ def generate(cfg):
     save_json(os.path.join(cfg.out, "metrics.json"), metrics)
     print(f"\nparams {n_params:,} | steps {cfg.steps:,} | sampler Heun {cfg.sampler_steps} steps, NFE {nfe}, guidance "
           f"{cfg.guidance} | FID ({len(images):,} samples) {metrics['fid'] if metrics['fid'] is None else round(metrics['fid'], 2)}")
-    print(f"wrote {cfg.out}/samples.png, interpolations.png, neighbours.png, samples.npz, metrics.json, ckpt.pt")
+    print(f"wrote {cfg.out}/samples.png, interpolations.png, neighbours.png, samples.npz, metrics.json"
+          + ("" if cfg.sample_only else f"; checkpoint {ckpt_path}"))
     return metrics
 
 
@@ -1147,8 +1149,10 @@ def train_vgg(cfg, seed, run_dir, splits, device):
                 opt.step()
                 loss_sum, correct = loss_sum + loss.detach(), correct + (out.argmax(1) == yb).sum()
                 if flag.stop and i < per_epoch - 1:  # checkpoints are per epoch: keep the last one intact
-                    raise UserError(f"interrupted in epoch {epoch + 1}; the checkpoint after epoch {epoch} in "
-                                    f"{ckpt_path} is kept, and --resume --out {cfg.out} repeats epoch {epoch + 1}")
+                    kept = (f"the checkpoint after epoch {epoch} in {ckpt_path} is kept" if epoch else
+                            "no epoch had finished, so there is no checkpoint yet")
+                    raise UserError(f"interrupted in epoch {epoch + 1}; {kept}, and --resume --out {cfg.out} "
+                                    f"repeats epoch {epoch + 1}")
                 if (step + 1) % cfg.log_every == 0:
                     ms = 1000 * (time.time() - t_log) / cfg.log_every
                     left = cfg.epochs * per_epoch - step - 1
@@ -1240,7 +1244,9 @@ def gradflow(cfg):
         for key in ("train_acc", "val_acc", "best_val_acc", "test_acc"):
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r[key] for r in results])
         rows.append(row)
-    print(f"\n{'configuration':<24} {'params':>8} {'train acc %':>14} {'val acc %':>14} {'test acc %':>14} {'known':>12}")
+    print(f"\naccuracy as mean ± std over {cfg.runs} seed(s) (sample std, 0 for one seed); known = published "
+          f"train / val %")
+    print(f"{'configuration':<24} {'params':>8} {'train acc %':>14} {'val acc %':>14} {'test acc %':>14} {'known':>12}")
     for row in rows:
         ms = lambda k: f"{100 * row[k + '_mean']:.1f} ± {100 * row[k + '_std']:.1f}"
         known = "{} / {}".format(*row["known_train_val"]) if row["known_train_val"] else "-"

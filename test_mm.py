@@ -5,6 +5,7 @@ that a wrong program breaks. Downloads are tested against a local HTTP server on
 fixture files written here in the official formats; nothing here needs ../shared or the internet.
 """
 import contextlib
+import copy
 import hashlib
 import http.server
 import io
@@ -610,6 +611,25 @@ def test_generator_budgets_resume_and_learning():
         assert losses[-1] < 0.85 * losses[0] and losses[-1] < min(losses[:3]), losses
 
 
+def test_generator_flips_only_when_asked():
+    x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)  # random images: no two are mirror images
+    y = torch.arange(32) % 100
+    for flip in (True, False):
+        cfg = tiny_gen_cfg("", tmpdir(), steps=2, batch_size=32, flip=flip, log_every=1)
+        seen = []
+        net = mm.make_unet(cfg)
+        opt = torch.optim.Adam(net.parameters())
+        with patched(mm, edm_loss=lambda net, xb, labels, cfg: seen.append((xb, labels))
+                     or sum(p.sum() * 0 for p in net.parameters())):  # records the batch; zero loss
+            quiet(mm.train_generator, cfg, net, copy.deepcopy(net), opt, x, y, torch.device("cpu"),
+                  os.path.join(cfg.out, "ckpt.pt"), 0, {"step": [], "loss": []})
+        for xb, labels in seen:
+            original = x[labels].float() / 127.5 - 1  # each row's source image (labels are unique here)
+            mirrored = (xb == original.flip(3)).flatten(1).all(1)
+            assert ((xb == original).flatten(1).all(1) | mirrored).all()  # every image is its source, or mirrored
+            assert mirrored.any() if flip else not mirrored.any()
+
+
 # ---------------------------------------------------------------------------------------------
 # The depth study
 
@@ -704,7 +724,8 @@ def test_interrupt_stops_at_the_next_step():
         cfg = mm.GradflowConfig(data_dir=croot, out=tmpdir(), depth=8, epochs=2, batch_size=4, val_size=4,
                                 device="cpu")
         with patched(mm, StopFlag=Pressed):
-            expect_error(lambda: quiet(mm.gradflow, cfg), "interrupted in epoch 1", "repeats epoch 1")
+            expect_error(lambda: quiet(mm.gradflow, cfg), "interrupted in epoch 1", "no checkpoint yet",
+                         "repeats epoch 1")
         assert not any("ckpt.pt" in f for _, _, fs in os.walk(cfg.out) for f in fs)  # no half-epoch checkpoint
 
 
@@ -772,6 +793,28 @@ def test_inception_structure_and_outputs():
     c = torch.full((1, 1, 5, 5), 3.0)
     assert torch.equal(fid.tf_avg_pool(c), c)
     assert not torch.equal(torch.nn.functional.avg_pool2d(c, 3, 1, 1), c)  # what torchvision's would do
+
+
+def test_features_run_without_tf32_and_restore_it():
+    seen = []
+
+    class Probe(torch.nn.Module):  # records the precision flags while the "network" runs
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, dims, resize):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return x.flatten(1)[:, :dims]
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        fid.inception_features(torch.zeros(3, 3, 32, 32, dtype=torch.uint8), Probe(), dims=64, batch_size=2, quiet=True)
+        assert seen == [(False, False), (False, False)]  # two batches, both in IEEE float32
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)  # restored
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def test_inception_weights_download_and_strict_load():
