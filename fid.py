@@ -233,8 +233,8 @@ def true_fp32():
     """Run convolutions and matmuls in IEEE float32 inside the block, then restore the settings.
 
     On Ampere and newer GPUs torch lets cuDNN use TF32 (a 10-bit mantissa) for float32 convolutions by
-    default. The reference statistics were computed in float32, and TF32 moves features in the third
-    digit, so FID keeps full precision unless it is shown to agree to 0.1 %.
+    default. TF32 keeps about 3 significant digits of each input, and the reference statistics were
+    computed in float32, so FID keeps full precision until TF32 is shown to agree to 0.1 %.
     """
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False

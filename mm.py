@@ -87,7 +87,7 @@ class GradflowConfig:
     epochs: int = 100  # passes over the 47,500 training images
     batch_size: int = 100  # images per step
     lr: float = 1e-3  # Adam learning rate at the start; cosine annealing per epoch down to min_lr
-    min_lr: float = 2e-5  # floor of the cosine: lr at epoch e is min_lr + (lr - min_lr)(1 + cos(pi e / epochs))/2 (CosineAnnealingLR)
+    min_lr: float = 2e-5  # cosine floor, as CosineAnnealingLR: epoch e uses min_lr + (lr - min_lr)(1 + cos(pi e/epochs))/2
     val_size: int = 2_500  # training images held out for validation (seeded permutation)
     # runs, hardware
     runs: int = 1  # independent runs with seeds seed, seed+1, ...
@@ -880,7 +880,7 @@ def train_generator(cfg, net, ema, opt, x_train, y_train, device, ckpt_path, sta
                 group["lr"] = lr
             idx = sample(step)
             xb = x_train[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]  (B, 3, 32, 32)
-            flip = torch.rand(len(xb), device=device) < (0.5 if cfg.flip else 0.0)
+            flip = torch.rand(len(xb), device=device) < (0.5 if cfg.flip else 0.0)  # drawn either way: same noise stream
             xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)  # horizontal flips
             net.train()
             with autocast(device):
