@@ -235,13 +235,18 @@ def true_fp32():
     On Ampere and newer GPUs torch lets cuDNN use TF32 (a 10-bit mantissa) for float32 convolutions by
     default. TF32 keeps about 3 significant digits of each input, and the reference statistics were
     computed in float32, so FID keeps full precision until TF32 is shown to agree to 0.1 %.
+    Only torch's newer `fp32_precision` settings are read and written: reading the legacy `allow_tf32`
+    flags raises once anything has used the new API (torch >= 2.9).
     """
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        for b, value in zip(backends, saved):
+            b.fp32_precision = value
 
 
 @torch.no_grad()
@@ -358,27 +363,33 @@ def stats_of(source, model, dims=2048, batch_size=200, clean=False):
     return feature_stats(inception_features(source, model, dims, batch_size, clean))
 
 
-def reference_stats(images, key, model, cache_dir, dims=2048, batch_size=200, clean=False):
-    """Statistics of a reference set, cached on disk under a name built from everything that produced it.
+def cached_features(images, key, model, cache_dir, dims=2048, batch_size=200, clean=False):
+    """Inception features (float32, as the network computes them) of a reference set, cached on disk.
 
     key is a dict naming the source (dataset, split). The image count, a digest of the image bytes, dims,
-    the resize protocol and the weights digest are added, so a cache made from other inputs never matches.
+    the resize protocol and the weights digest are added to the file name and stored inside it, so a
+    cache made from other inputs never matches. float32 loses nothing: the network's outputs are float32.
     """
     images = torch.as_tensor(images)
     full = dict(key, n=len(images), images_md5=hashlib.md5(images.numpy().tobytes()).hexdigest()[:12],
                 dims=dims, resize="clean" if clean else "pytorch-fid", weights=WEIGHTS_SHA256[:12])
-    name = "fid_stats_" + "_".join(f"{k}-{v}" for k, v in sorted(full.items())) + ".npz"
+    name = "fid_features_" + "_".join(f"{k}-{v}" for k, v in sorted(full.items())) + ".npz"
     path = os.path.join(cache_dir, name)
     if os.path.exists(path):
         with np.load(path) as f:
             if str(f["key"]) == repr(sorted(full.items())):
-                return f["mu"], f["sigma"]
+                return f["features"]
         raise UserError(f"{path} was made from other inputs than its name says; delete it")
-    mu, sigma = stats_of(images, model, dims, batch_size, clean)
+    features = inception_features(images, model, dims, batch_size, clean).astype(np.float32)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=mu, sigma=sigma, key=repr(sorted(full.items())))
+    np.savez(tmp, features=features, key=repr(sorted(full.items())))
     os.replace(tmp, path)
-    return mu, sigma
+    return features
+
+
+def reference_stats(images, key, model, cache_dir, dims=2048, batch_size=200, clean=False):
+    """mu and sigma of a reference set, from its cached features (so the features serve other metrics too)."""
+    return feature_stats(cached_features(images, key, model, cache_dir, dims, batch_size, clean).astype(np.float64))
 
 
 def fid(a, b, model, dims=2048, batch_size=200, clean=False):

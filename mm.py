@@ -6,9 +6,10 @@
     python mm.py classify --help           # every knob, with its default
     python mm.py generate                  # CIFAR-100 diffusion: < 1,000,000 parameters, <= 50,000 steps
     python mm.py gradflow --compare        # depth study: why VGG_38 fails, and BN / residual fixes
+    python mm.py bench                     # ms per training step, sampler and Inception img/s on this device
 
-Reading order: configs -> small utilities (budgets, logging, plots, checkpoints) -> classifier ->
-classifier training -> diffusion -> diffusion training -> depth study -> CLI main().
+Reading order: configs -> training utilities (the run plumbing every command shares) -> classifier ->
+classifier training -> diffusion -> diffusion training -> depth study -> speed benchmark -> figures -> CLI.
 """
 import argparse
 import inspect
@@ -18,9 +19,10 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
-from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from collections import OrderedDict, namedtuple
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -34,33 +36,41 @@ from data import UserError, fmt_time
 
 # ---------------------------------------------------------------------------------------------
 # Configs: one dataclass per command; the trailing comment on each field is its --help text.
+# Beside each, the range of every number (checked once, before any work) and the fields a resumed run
+# may change (all others change the trajectory, so a checkpoint must have been trained with them).
 
-PARAM_LIMIT = 100_000  # classifier: fewer than this many parameters (coursework rule)
-STEP_LIMIT = 10_000  # classifier: at most this many optimisation steps (coursework rule)
+CLASSIFY_PARAM_LIMIT = 100_000  # classifier: fewer than this many parameters (coursework rule)
+CLASSIFY_STEP_LIMIT = 10_000  # classifier: at most this many optimisation steps (coursework rule)
+GENERATE_PARAM_LIMIT = 1_000_000  # generator: fewer than this many trained parameters (coursework rule)
+GENERATE_STEP_LIMIT = 50_000  # generator: at most this many optimisation steps (coursework rule)
 
 
 @dataclass
 class ClassifyConfig:
     # data and output
-    data_dir: str = ""  # dataset cache root ("" = $MM_DATA, else ./data)
-    out: str = "runs/classify"  # results folder: config.json, metrics.json, accuracy.png, one checkpoint per run
+    data_dir: str = ""  # dataset cache root (empty: $MM_DATA, else ./data)
+    out: str = "runs/classify"  # results folder: config.json, metrics.json, accuracy.png, run*/ckpt.pt
     # budget
     steps: int = 10_000  # optimisation steps per run (budget: at most 10,000)
     allow_penalty: bool = False  # train over a budget anyway and print the coursework penalty
     # model
     model: str = "digits"  # digits: one shared digit CNN per channel, sum by convolution | plain: one CNN on all 3 channels
-    arch: str = "32,M,48,M,64,96"  # conv widths (3x3 conv, BN, ReLU), M = 2x2 max pool; then global avg pool, linear
+    arch: str = "32,M,48,M,64,96"  # 3x3 conv/BN/ReLU widths; M = 2x2 max pool, S48 = stride-2 conv, R64 = residual pair
+    dropout: float = 0.0  # dropout before the digit head's linear layer
     # optimisation
     batch_size: int = 64  # AddNIST images per step (3 digits each)
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 5e-2  # AdamW decoupled weight decay on conv/linear weights
     warmup: int = 300  # steps of linear warm-up, then cosine decay to 0
     ema: float = 0.999  # decay of the weight average used for evaluation (0 = evaluate the raw weights)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing over the 20 sums
+    train_on: str = "train"  # train | train+valid (60,000 images; the test split is never trained on)
     # augmentation, drawn independently for every digit (channel); no flips, they change digits
     shift: int = 2  # max translation, whole pixels (a pure shift then resamples exactly, no blur)
     rotate: float = 10.0  # max rotation, degrees
     zoom: float = 0.1  # max relative zoom in or out
     elastic: float = 1.5  # std of a smooth random displacement field, pixels (elastic distortion; 0 = off)
+    aug_decay: bool = False  # rotation, zoom and elastic strength fall linearly to 0 over training (shifts stay)
     # runs, evaluation, hardware
     runs: int = 1  # independent runs with seeds seed, seed+1, ...
     seed: int = 0  # seed of the first run
@@ -69,14 +79,23 @@ class ClassifyConfig:
     tta: bool = True  # final figures average the image and its 4 one-pixel shifts (no params, no steps)
     log_every: int = 100  # steps between progress lines
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPUs with fast bf16, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
+    deterministic: bool = True  # GPU: deterministic cuDNN/cuBLAS kernels, so seeded runs repeat (--no-deterministic: faster)
     resume: bool = False  # continue the runs checkpointed in --out instead of refusing to overwrite them
     pause_at: int = 0  # stop cleanly (checkpointed) once this many steps are done; 0 = run to the end
+
+
+CLASSIFY_BOUNDS = {"steps": "[1, inf)", "dropout": "[0, 1)", "batch_size": "[1, inf)", "lr": "(0, inf)",
+                   "weight_decay": "[0, inf)", "warmup": "[0, inf)", "ema": "[0, 1)", "label_smoothing": "[0, 1)",
+                   "shift": "[0, 13]", "rotate": "[0, 180]", "zoom": "[0, 1)", "elastic": "[0, inf)",
+                   "runs": "[1, inf)", "seed": "[0, 1e9]", "eval_every": "[1, inf)", "eval_train": "[1, inf)",
+                   "log_every": "[1, inf)", "pause_at": "[0, inf)"}
 
 
 @dataclass
 class GradflowConfig:
     # data and output
-    data_dir: str = ""  # dataset cache root ("" = $MM_DATA, else ./data)
+    data_dir: str = ""  # dataset cache root (empty: $MM_DATA, else ./data)
     out: str = "runs/gradflow"  # results folder: one sub-folder per configuration and seed, plus metrics.json
     # the network (the coursework's VGG framework)
     depth: int = 38  # 8 (0 processing blocks per stage) or 38 (5 per stage); 3 stages of 32 filters
@@ -94,21 +113,29 @@ class GradflowConfig:
     seed: int = 0  # seed of the first run
     log_every: int = 100  # steps between progress lines
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPUs with fast bf16, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
+    deterministic: bool = True  # GPU: deterministic cuDNN/cuBLAS kernels, so seeded runs repeat (--no-deterministic: faster)
     resume: bool = False  # continue the runs checkpointed in --out instead of refusing to overwrite them
+    pause_at: int = 0  # stop cleanly (checkpointed) once this many epochs are done; 0 = run to the end
+
+
+GRADFLOW_BOUNDS = {"epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)",
+                   "val_size": "[1, inf)", "runs": "[1, inf)", "seed": "[0, 1e9]", "log_every": "[1, inf)",
+                   "pause_at": "[0, inf)"}
 
 
 @dataclass
 class GenerateConfig:
     # data and output
-    data_dir: str = ""  # dataset cache root ("" = $MM_DATA, else ./data)
-    out: str = "runs/generate"  # results folder: samples.png, interpolations.png, neighbours.png, samples.npz, metrics.json, ckpt.pt
+    data_dir: str = ""  # dataset cache root (empty: $MM_DATA, else ./data)
+    out: str = "runs/generate"  # results folder: samples.png, interpolations.png, neighbours.png, samples.npz, progress.png, config.json, metrics.json, ckpt.pt
     # budget
     steps: int = 50_000  # optimisation steps (budget: at most 50,000)
     allow_penalty: bool = False  # train over a budget anyway and print the coursework penalty
     # network (EDM-preconditioned U-Net)
-    widths: str = "32,64,80"  # channels at the 32, 16 and 8 pixel levels (997,123 parameters in all)
+    widths: str = "32,64,80"  # channels at the 32, 16 and 8 pixel levels, multiples of 8 (997,123 parameters in all)
     blocks: int = 1  # residual blocks per level, down and up
-    emb_dim: int = 128  # width of the noise-level + class embedding every block uses
+    emb_dim: int = 128  # width of the noise-level + class embedding every block uses (a multiple of 4)
     dropout: float = 0.1  # dropout inside residual blocks
     # training (Karras et al. 2022)
     batch_size: int = 256  # images per step
@@ -123,46 +150,59 @@ class GenerateConfig:
     # sampling
     sampler_steps: int = 18  # Heun steps (NFE = 2 steps - 1, doubled when guidance != 1)
     guidance: float = 1.0  # classifier-free guidance scale w (1 = plain conditional)
-    fid_samples: int = 10_000  # samples drawn for FID and samples.npz
+    fid_samples: int = 10_000  # samples drawn for FID and samples.npz (at least 64 are drawn, for the grid)
     sample_batch: int = 1000  # samples per sampler call
     sample_every: int = 5000  # steps between progress.png grids (and checkpoints)
     log_every: int = 100  # steps between progress lines
     # runs, hardware
     seed: int = 0  # seeds batches, noise and samples
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPUs with fast bf16, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
+    deterministic: bool = True  # GPU: deterministic cuDNN/cuBLAS kernels, so seeded runs repeat (--no-deterministic: faster)
+    compile: str = "auto"  # torch.compile the training forward: auto (on for CUDA) | on | off
     resume: bool = False  # continue the run checkpointed in --out
     sample_only: bool = False  # skip training: regenerate every output from --ckpt (or OUT/ckpt.pt)
     pause_at: int = 0  # stop cleanly (checkpointed) once this many steps are done; 0 = run to the end
-    ckpt: str = ""  # checkpoint to load ("" = OUT/ckpt.pt)
+    ckpt: str = ""  # checkpoint to load (empty: OUT/ckpt.pt)
 
 
-GEN_PARAM_LIMIT = 1_000_000  # generator: fewer than this many trained parameters (coursework rule)
-GEN_STEP_LIMIT = 50_000  # generator: at most this many optimisation steps (coursework rule)
+GENERATE_BOUNDS = {"steps": "[1, inf)", "blocks": "[1, 8]", "emb_dim": "[4, 4096]", "dropout": "[0, 1)",
+                   "batch_size": "[1, inf)", "lr": "(0, inf)", "warmup": "[0, inf)", "ema": "[0, 1)",
+                   "sigma_data": "(0, inf)", "p_std": "(0, inf)", "p_uncond": "[0, 1]", "sampler_steps": "[1, 1000]",
+                   "guidance": "[0, inf)", "fid_samples": "[2, inf)", "sample_batch": "[1, inf)",
+                   "sample_every": "[1, inf)", "log_every": "[1, inf)", "seed": "[0, 1e9]", "pause_at": "[0, inf)"}
 
-CHOICES = {"model": ("digits", "plain"), "device": ("auto", "cpu", "cuda"), "depth": (8, 38)}
-
-
-def field_help(cls):
-    """{field name: its trailing comment}, read from the dataclass source so help and code never drift."""
-    src = inspect.getsource(cls)
-    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", src, flags=re.M))
-
-
-def add_config_args(parser, cls):
-    """One --flag per dataclass field, with its type, default and comment."""
-    helps = field_help(cls)
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=typ, default=f.default, choices=CHOICES.get(f.name),
-                                metavar=f.name.upper(), help=helps[f.name] + " (default: %(default)s)")
-
+# Fields that a --resume may change: where files go, how often to print, hardware. Every other field
+# shapes the trajectory (or the record of it), so a checkpoint is only continued with the values it was
+# trained with. generate's sampling knobs only act after training, so --sample-only may change them too.
+RESUME_FREE = {
+    "classify": {"data_dir", "out", "allow_penalty", "runs", "eval_every", "log_every", "device", "precision",
+                 "deterministic", "resume", "pause_at"},
+    "gradflow": {"data_dir", "out", "compare", "runs", "log_every", "device", "precision", "deterministic",
+                 "resume", "pause_at"},
+    "generate": {"data_dir", "out", "allow_penalty", "sampler_steps", "guidance", "fid_samples", "sample_batch",
+                 "sample_every", "log_every", "device", "precision", "deterministic", "compile", "resume",
+                 "sample_only", "pause_at", "ckpt"},
+}
+CHOICES = {"model": ("digits", "plain"), "train_on": ("train", "train+valid"), "device": ("auto", "cpu", "cuda"),
+           "depth": (8, 38), "precision": ("auto", "fp32", "bf16", "fp16"), "compile": ("auto", "on", "off")}
 
 # ---------------------------------------------------------------------------------------------
-# Small utilities: budgets, devices, logging, plots, checkpoints
+# Training utilities: the run plumbing every command shares. Each helper is called visibly from the
+# loops below (nanoGPT's loop is the model): check the config and the run folder, seed each step, set
+# the lr, print progress, stop or pause at a checkpoint, print the results table.
+
+def check_bounds(cfg, bounds):
+    """One-line error for the first field outside its interval, e.g. "[0, 1)" (brackets: bound included)."""
+    for name, interval in bounds.items():
+        value = getattr(cfg, name)
+        lo_text, hi_text = interval[1:-1].split(",")
+        lo, hi = float(lo_text), float(hi_text)
+        above = value >= lo if interval[0] == "[" else value > lo
+        below = value <= hi if interval[-1] == "]" else value < hi
+        if not (above and below):
+            raise UserError(f"--{name.replace('_', '-')} must lie in {interval}, got {value}")
+
 
 def budget_penalty(value, limit, inclusive):
     """Coursework penalty in marks: 5 for every 10 % (or part of it) over the limit, 5 at the limit if strict."""
@@ -185,21 +225,46 @@ def enforce_budget(name, value, limit, inclusive, allow_penalty):
     return penalty
 
 
-def require_positive(cfg, names):
-    """One-line error for any of these config fields below 1 (steps, batch sizes, intervals...)."""
-    for name in names:
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-
-
 def count_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
+Hardware = namedtuple("Hardware", "device precision")  # torch.device and "fp32" | "bf16" | "fp16"
+
+
+def pick_hardware(cfg):
+    """Device, mixed precision and determinism for a run, printed once.
+
+    bf16 autocast where the GPU has fast bf16 (Ampere and newer); older GPUs (T4, V100) get fp16 with a
+    GradScaler; the CPU trains in fp32 (bf16 convolutions are slow there). Deterministic kernels make a
+    seeded GPU run repeat exactly (the CPU always does); --no-deterministic lets cuDNN pick faster ones.
+    """
+    if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    precision = cfg.precision
+    if precision == "auto" and device.type == "cuda":
+        precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    elif precision == "auto":
+        precision = "fp32"
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = cfg.deterministic
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs this for repeatable matmuls
+        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)  # warn, never fail, on the rest
+    print(f"device {device} | precision {precision} | deterministic {cfg.deterministic or device.type == 'cpu'}")
+    return Hardware(device, precision)
+
+
+def autocast(hw):
+    """Mixed precision for the forward pass (fp32: off). Losses and scores are always computed in float32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hw.precision)
+    return torch.autocast(hw.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(hw):
+    """fp16 gradients underflow without loss scaling; bf16 and fp32 need none (then the scaler is a no-op)."""
+    return torch.amp.GradScaler(hw.device.type, enabled=hw.precision == "fp16")
 
 
 def mean_std(values):
@@ -209,16 +274,150 @@ def mean_std(values):
 
 
 def save_json(path, obj):
+    """Write JSON atomically (a .tmp file renamed into place): a reader never sees half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
 
 
+LAST_CHECKPOINT = {}  # path and step of the newest checkpoint written, for the message of an abort
+
+
 def save_checkpoint(path, state):
+    """Atomic save: an interrupted write never clobbers the previous checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     torch.save(state, tmp)
-    os.replace(tmp, path)  # an interrupted save never clobbers the previous checkpoint
+    os.replace(tmp, path)
+    LAST_CHECKPOINT.update(path=path, step=state.get("step", state.get("epoch")))
+
+
+def load_checkpoint(path, command, cfg=None):
+    """A checkpoint of `command`, loaded to the CPU (the caller moves what it needs), checked against cfg.
+
+    Every config field outside RESUME_FREE must equal the one it was trained with, or the resumed run
+    would follow another schedule than its record says; the differing flags are named in the error.
+    """
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+    except Exception as e:  # truncated, empty, not a torch file, or holding arbitrary objects
+        raise UserError(f"{path} is not a checkpoint of `mm.py {command}` ({type(e).__name__}); "
+                        f"point at one it wrote, or start a new run") from None
+    if not isinstance(ck, dict) or ck.get("command") != command:
+        raise UserError(f"{path} is not a checkpoint of `mm.py {command}`; point at one it wrote, or start a new run")
+    if cfg is not None:
+        trained = ck["config"]
+        differ = [k for k in asdict(cfg) if k not in RESUME_FREE[command] and trained.get(k) != getattr(cfg, k)]
+        if differ:
+            flags = lambda values: " ".join(f"--{k.replace('_', '-')} {values[k]}" for k in differ)
+            raise UserError(f"{path} was trained with {flags(trained)}, not {flags(asdict(cfg))}; resume with the "
+                            f"values it was trained with, or start a new --out")
+    return ck
+
+
+def check_out(cfg, has_run):
+    """Before any work: --out must be writable, and hold a run exactly when --resume asks to continue one.
+
+    Nothing is created here (a refused call leaves no trace); a probe file is made and removed in the
+    nearest folder that exists.
+    """
+    folder = os.path.abspath(cfg.out)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    try:
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(f"{folder} is a file")
+        os.close(os.open(probe := os.path.join(folder, f".mm-write-test-{os.getpid()}"), os.O_CREAT | os.O_WRONLY))
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write results under --out {cfg.out} ({e.strerror or e}); choose a folder you can "
+                        f"write to") from None
+    if has_run and not cfg.resume:
+        raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
+    if cfg.resume and not has_run:
+        raise UserError(f"--resume: {cfg.out} holds no checkpoint to continue; leave out --resume to start a run")
+
+
+def holds_checkpoint(folder):
+    return any("ckpt.pt" in files for _, _, files in os.walk(folder))
+
+
+STEP_SEED_STRIDE = 1_000_003  # a prime above any step count: (seed, step) -> seed * stride + step never collides
+
+
+def seed_step(seed, step):
+    """All randomness of a step (augmentation, noise, dropout) from (seed, step) alone: exact resume."""
+    torch.manual_seed(seed * STEP_SEED_STRIDE + step)
+
+
+def get_lr(step, cfg):
+    """Linear warm-up to cfg.lr, then cosine decay to 0 at cfg.steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+class EpochSampler:
+    """Batch indices for any step, from (seed, epoch) alone: a resumed run draws exactly the same batches."""
+
+    def __init__(self, n, batch_size, seed, device):
+        if n < batch_size:
+            raise UserError(f"--batch-size {batch_size} is larger than the {n} training images")
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
+        self.per_epoch, self.epoch, self.perm = n // batch_size, -1, None  # drop the ragged last batch
+
+    def __call__(self, step):
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * STEP_SEED_STRIDE + epoch)
+            self.epoch, self.perm = epoch, torch.randperm(self.n, generator=g).to(self.device)
+        return self.perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+def ema_decay(limit, step):
+    """(1 + step)/(10 + step), capped at `limit`: early on, the average would mostly remember the random
+    initial weights, so its memory starts short (0.1 at step 0, 0.9 at step 80) and grows to the limit."""
+    return min(limit, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, over weights and BN statistics (Polyak averaging).
+
+    One fused _foreach_lerp_ over all float tensors (one kernel launch per group, not per tensor);
+    integer buffers (BN's batch counter) are copied.
+    """
+    ema_floats, model_floats = [], []
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            ema_floats.append(e)
+            model_floats.append(m)
+        else:
+            e.copy_(m)
+    torch._foreach_lerp_(ema_floats, model_floats, 1 - decay)
+
+
+def stop_point(pause_at, done, total, unit="step"):
+    """Where this call stops: --pause-at if given, else the end. A pause at or before the checkpoint is
+    refused: it would rewrite the checkpoint's counter below the steps its weights have taken."""
+    if pause_at and pause_at <= done:
+        raise UserError(f"--pause-at {pause_at:,} is not after the checkpoint's {unit} {done:,}; pass a later "
+                        f"{unit}, or leave it out to run to the end")
+    return min(pause_at or total, total)
+
+
+def interrupted(done, ckpt_path, cfg, unit="step"):
+    return UserError(f"interrupted after {unit} {done:,}; checkpoint saved in {ckpt_path}, continue with "
+                     f"--resume --out {cfg.out}")
 
 
 class StopFlag:
@@ -243,87 +442,117 @@ class StopFlag:
             signal.signal(s, h)
 
 
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+class Progress:
+    """The progress line: `step   100/10000 | loss 0.4321 | lr 1.0e-03 | 3.2 ms/step | eta 0:31`.
 
-
-def line_plot(path, series, title, xlabel, ylabel, size=(800, 500), logy=False, xlabels=None):
-    """Draw [(label, xs, ys, colour)] as a line chart PNG with Pillow; same-label lines share one legend row.
-
-    logy plots log10(y) with decade labels; xlabels names the integer x positions 0..n-1 (rotated text).
+    ms/step is measured over the steps since the previous line, or since `restart` (called after an
+    evaluation, so that its time is not counted as training); the ETA covers the steps left to `end`.
     """
-    W, H = size
-    left, right, top = 80, 20, 40
-    bottom = 60 if xlabels is None else 40 + 7 * max(len(t) for t in xlabels)
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=14)
-    fy = (lambda y: math.log10(max(y, 1e-30))) if logy else (lambda y: y)
-    xs_all = [x for _, xs, _, _ in series for x in xs]
-    ys_all = [fy(y) for _, _, ys, _ in series for y in ys]
-    x0, x1 = min(xs_all), max(xs_all)
-    y0, y1 = min(ys_all), max(ys_all)
-    pad = 0.05 * (y1 - y0 or 1.0)
-    y0, y1 = y0 - pad, y1 + pad
-    x1 = x1 if x1 > x0 else x0 + 1
 
-    def px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (W - left - right),
-                H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
+    def __init__(self, total, end, done):
+        self.total, self.end, self.width = total, end, len(str(total))
+        self.restart(done)
 
-    d.rectangle([left, top, W - right, H - bottom], outline="black")
-    for i in range(6):  # horizontal gridlines with y tick labels
-        yv = y0 + (y1 - y0) * i / 5
-        _, yp = px(x0, yv)
-        d.line([left, yp, W - right, yp], fill=(225, 225, 225))
-        d.text((left - 6, yp), f"1e{yv:.1f}" if logy else f"{yv:.4g}", fill="black", font=font, anchor="rm")
-        if xlabels is None:
-            xv = x0 + (x1 - x0) * i / 5
-            d.text((px(xv, y0)[0], H - bottom + 6), f"{xv:.4g}", fill="black", font=font, anchor="ma")
-    for i, text in enumerate(xlabels or []):  # one rotated label per category
-        box = font.getbbox(text)
-        tile = Image.new("RGB", (box[2] + 2, box[3] + 2), "white")
-        ImageDraw.Draw(tile).text((1, 1), text, fill="black", font=font)
-        tile = tile.rotate(90, expand=True)
-        img.paste(tile, (int(px(i, y0)[0] - tile.width / 2), H - bottom + 4))
-    for _, xs, ys, colour in series:
-        pts = [px(x, fy(y)) for x, y in zip(xs, ys)]
-        if len(pts) > 1:
-            d.line(pts, fill=colour, width=2)
-        for p in pts[-1:]:
-            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
-    legend = dict((label, colour) for label, _, _, colour in series)
-    d.rectangle([W - right - 156, top + 2, W - right - 4, top + 18 * len(legend) + 4], fill="white",
-                outline=(200, 200, 200))  # the legend sits on its own box, above the lines
-    for i, (label, colour) in enumerate(legend.items()):
-        y = top + 10 + 18 * i
-        d.line([W - right - 150, y, W - right - 125, y], fill=colour, width=3)
-        d.text((W - right - 120, y), label, fill="black", font=font, anchor="lm")
-    d.text((W / 2, 12), title, fill="black", font=font, anchor="ma")
-    d.text((W / 2, H - 18), xlabel, fill="black", font=font, anchor="ma")
-    d.text((8, top - 22), ylabel, fill="black", font=font, anchor="la")
-    img.save(path)
+    def restart(self, done):
+        self.t, self.done = time.time(), done
+
+    def line(self, done, **values):
+        ms = 1000 * (time.time() - self.t) / max(1, done - self.done)
+        shown = "".join(f" | {name.replace('_', ' ')} {value}" for name, value in values.items())
+        print(f"step {done:{self.width}d}/{self.total}{shown} | {ms:.1f} ms/step | "
+              f"eta {fmt_time(ms * (self.end - done) / 1000)}", flush=True)
+        self.restart(done)
+
+
+def print_table(rows):
+    """Rows of equal-keyed dicts (values already formatted as text) -> an aligned table under its header."""
+    keys = list(rows[0])
+    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
+    print("  ".join(k.rjust(w) for k, w in zip(keys, widths)))
+    for r in rows:
+        print("  ".join(str(r[k]).rjust(w) for k, w in zip(keys, widths)))
+
+
+def percent(mean_and_std):
+    return "{:.2f} ± {:.2f}".format(*(100 * v for v in mean_and_std))
+
+
+TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) pixel shifts scored by --tta
+
+
+@torch.no_grad()
+def evaluate(model, x, y, tta=False, batch_size=1000):
+    """Mean cross-entropy and accuracy of `model` in eval mode over all of (x, y), in float32 whatever the
+    training precision, so a reported accuracy does not depend on the GPU.
+
+    With tta, the class probabilities are averaged over the image and its four one-pixel shifts.
+    MNIST digits sit inside a blank 4-pixel border, so torch.roll shifts them without wrapping ink.
+    """
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=x.device)  # summed in float64, as Python floats were
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        views = [torch.roll(xb, s, dims=(2, 3)) for s in TTA_SHIFTS] if tta else [xb]
+        logp = torch.stack([model(v).float().log_softmax(1) for v in views])  # (views, B, classes)
+        logp = torch.logsumexp(logp, 0) - math.log(len(views))  # log of the mean probability
+        loss += F.nll_loss(logp, yb, reduction="sum").double()
+        correct += (logp.argmax(1) == yb).sum()
+    return loss.item() / len(x), correct.item() / len(x)  # one host sync per evaluation, not per batch
 
 
 # ---------------------------------------------------------------------------------------------
 # Classifier: a shared digit CNN whose three digit distributions are combined into a sum distribution
 
-def conv_trunk(arch, in_ch, n_out):
-    """VGG-style spec '32,M,64' -> 3x3 conv/BN/ReLU layers and 2x2 max pools, then global avg pool + linear."""
-    layers, c = [], in_ch
-    for tok in arch.split(","):
-        tok = tok.strip()
-        if tok.upper() == "M":
+class ResidualPair(nn.Module):
+    """x + BN(conv(ReLU(BN(conv(x))))), then ReLU: the basic block of He et al. 2016 at a fixed width."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True), nn.Conv2d(width, width, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(width))
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+def conv_trunk(arch, in_ch, n_out, dropout=0.0, size=28):
+    """VGG-style spec '32,M,64' -> 3x3 conv/BN/ReLU layers and 2x2 max pools, then global avg pool + linear.
+
+    Tokens: a width w is a 3x3 conv to w channels; M halves the map with a 2x2 max pool; Sw is a stride-2
+    3x3 conv to w channels (a learned downsampling); Rw is a residual pair of convs at the current width w.
+    `size` is the input's side, to refuse a spec that shrinks the map below one pixel.
+    """
+    layers, channels = [], in_ch
+    for token in arch.upper().replace(" ", "").split(","):
+        kind, width = (token[0], token[1:]) if token[:1] in ("S", "R") else ("C", token)
+        if token == "M" or kind == "S":
+            size //= 2
+        if size < 1:
+            raise UserError(f"--arch {arch}: its downsamplings shrink the 28x28 input below 1 pixel")
+        if token == "M":
             layers.append(nn.MaxPool2d(2))
-        elif tok.isdigit() and int(tok) > 0:
-            w = int(tok)
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
-            c = w
+        elif not (width.isdigit() and 0 < int(width) <= 4096) or (kind == "R" and int(width) != channels):
+            raise UserError(f"--arch {arch}: {token!r} is not a width 1..4096, M, Sw or Rw (Rw needs w = the width "
+                            f"before it), e.g. 32,M,64,R64,M,96")
+        elif kind == "R":
+            layers.append(ResidualPair(channels))
         else:
-            raise UserError(f"--arch {arch!r}: {tok!r} is neither a positive width nor M (e.g. 32,M,64,64,M,96)")
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, n_out))
+            stride = 2 if kind == "S" else 1
+            layers += [nn.Conv2d(channels, int(width), 3, stride, padding=1, bias=False), nn.BatchNorm2d(int(width)),
+                       nn.ReLU(inplace=True)]
+            channels = int(width)
+    head = [nn.Dropout(dropout)] if dropout > 0 else []
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), *head, nn.Linear(channels, n_out))
 
 
-def sum_log_probs(digit_logits, mask=None):
+# SUM_MASK[k, i] = 0 where the digit triple i = (a, b, c) (flattened) sums to k + 1, else -inf.  (20, 1000)
+TRIPLE_SUMS = (torch.arange(10)[:, None, None] + torch.arange(10)[None, :, None] + torch.arange(10)).flatten()
+SUM_MASK = torch.where(TRIPLE_SUMS[None, :] == torch.arange(1, 21)[:, None], 0.0, -math.inf)
+
+
+def sum_log_probs(digit_logits, mask=SUM_MASK):
     """log P(r + g + b = s) for s = 1..20 from per-channel digit logits (B, 3, 10) -> (B, 20).
 
     The channels are independent digits, so P(sum = s) = sum over a+b+c=s of p_r(a) p_g(b) p_b(c):
@@ -333,21 +562,15 @@ def sum_log_probs(digit_logits, mask=None):
     """
     lp = digit_logits.float().log_softmax(-1)  # (B, 3, 10)
     joint = lp[:, 0, :, None, None] + lp[:, 1, None, :, None] + lp[:, 2, None, None, :]  # (B, 10, 10, 10)
-    mask = SUM_MASK.to(joint.device) if mask is None else mask  # (20, 1000)
-    return torch.logsumexp(joint.flatten(1)[:, None, :] + mask, dim=-1)  # (B, 20)
-
-
-# SUM_MASK[k, i] = 0 where the digit triple i = (a, b, c) (flattened) sums to k + 1, else -inf.  (20, 1000)
-_triple_sums = (torch.arange(10)[:, None, None] + torch.arange(10)[None, :, None] + torch.arange(10)).flatten()
-SUM_MASK = torch.where(_triple_sums[None, :] == torch.arange(1, 21)[:, None], 0.0, -math.inf)
+    return torch.logsumexp(joint.flatten(1)[:, None, :] + mask.to(joint.device), dim=-1)  # (B, 20)
 
 
 class DigitSumNet(nn.Module):
     """One digit network shared by the three channels; outputs log P(sum) over the 20 AddNIST classes."""
 
-    def __init__(self, arch):
+    def __init__(self, arch, dropout=0.0):
         super().__init__()
-        self.digit = conv_trunk(arch, in_ch=1, n_out=10)
+        self.digit = conv_trunk(arch, in_ch=1, n_out=10, dropout=dropout)
         self.register_buffer("sum_mask", SUM_MASK.clone(), persistent=False)  # follows .to(device), not saved
 
     def forward(self, x):  # (B, 3, 28, 28) -> (B, 20)
@@ -358,11 +581,11 @@ class DigitSumNet(nn.Module):
 
 def make_classifier(cfg):
     if cfg.model == "digits":
-        return DigitSumNet(cfg.arch)
-    return conv_trunk(cfg.arch, in_ch=3, n_out=20)  # the plain baseline: all three digits at once
+        return DigitSumNet(cfg.arch, cfg.dropout)
+    return conv_trunk(cfg.arch, in_ch=3, n_out=20, dropout=cfg.dropout)  # the plain baseline: all three digits at once
 
 
-def augment_digits(x, cfg, background):
+def augment_digits(x, cfg, background, strength=1.0):
     """Random rotation, zoom, shift and elastic distortion of every digit (channel) on its own.
 
     (B, 3, H, W) -> same. One warp per digit through grid_sample, in a single batched call: an affine
@@ -370,171 +593,108 @@ def augment_digits(x, cfg, background):
     (2003, "Best practices for CNNs applied to visual document analysis") found to help most on MNIST.
     Their field is Gaussian-smoothed noise; ours is 5x5 noise upsampled bilinearly, which is smooth
     in the same way and cheaper. The empty canvas of the normalised data is `background`, not 0, so it
-    is subtracted before warping and added back after.
+    is subtracted before warping and added back after. `strength` scales rotation, zoom and elastic
+    (not the whole-pixel shifts), for a schedule that is strong early and weak late.
     """
     B, C, H, W = x.shape
     n = B * C
     u = lambda: torch.rand(n, device=x.device) * 2 - 1  # uniform in [-1, 1], one per digit
-    angle = u() * math.radians(cfg.rotate)
-    scale = 1 + u() * cfg.zoom
+    angle = u() * math.radians(cfg.rotate * strength)
+    scale = 1 + u() * cfg.zoom * strength
     shift = lambda: torch.randint(-cfg.shift, cfg.shift + 1, (n,), device=x.device)  # whole pixels
     tx, ty = shift() * 2 / W, shift() * 2 / H  # pixels -> [-1, 1] grid units
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (n, 2, 3)
     grid = F.affine_grid(theta, (n, 1, H, W), align_corners=False)  # (n, H, W, 2), x then y, in [-1, 1]
     if cfg.elastic > 0:
-        field = torch.randn(n, 2, 5, 5, device=x.device) * cfg.elastic  # coarse displacements, pixels
+        field = torch.randn(n, 2, 5, 5, device=x.device) * (cfg.elastic * strength)  # coarse displacements, px
         field = F.interpolate(field, size=(H, W), mode="bilinear", align_corners=True)  # (n, 2, H, W)
-        grid = grid + field.permute(0, 2, 3, 1) * (2 / torch.tensor([W, H], device=x.device))
+        field_x, field_y = field[:, 0] * (2 / W), field[:, 1] * (2 / H)  # pixels -> grid units (scalars: no copy)
+        grid = grid + torch.stack([field_x, field_y], -1)
     out = F.grid_sample(x.reshape(n, 1, H, W) - background, grid, align_corners=False)  # zeros outside
     return out.view(B, C, H, W) + background
 
 
 # ---------------------------------------------------------------------------------------------
-# Classifier training: a budgeted loop with periodic evaluation, checkpoints and exact resume
+# Classifier training: the budgeted loop, with periodic evaluation, checkpoints and exact resume
 
-def get_lr(step, cfg):
-    """Linear warm-up to cfg.lr, then cosine decay to 0 at cfg.steps."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-class EpochSampler:
-    """Batch indices for any step, from (seed, epoch) alone: a resumed run draws exactly the same batches."""
-
-    def __init__(self, n, batch_size, seed, device):
-        if n < batch_size:
-            raise UserError(f"--batch-size {batch_size} is larger than the {n} training images")
-        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
-        self.per_epoch, self.epoch, self.perm = n // batch_size, -1, None  # drop the ragged last batch
-
-    def __call__(self, step):
-        epoch, i = divmod(step, self.per_epoch)
-        if epoch != self.epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self.epoch, self.perm = epoch, torch.randperm(self.n, generator=g).to(self.device)
-        return self.perm[i * self.batch_size:(i + 1) * self.batch_size]
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, over weights and BN statistics (Polyak averaging)."""
-    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
-        if e.dtype.is_floating_point:
-            e.lerp_(m, 1 - decay)
-        else:
-            e.copy_(m)
-
-
-TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) pixel shifts scored by --tta
-
-
-@torch.no_grad()
-def evaluate(model, x, y, tta=False, batch_size=1000):
-    """Mean cross-entropy and accuracy of `model` in eval mode over all of (x, y).
-
-    With tta, the class probabilities are averaged over the image and its four one-pixel shifts.
-    MNIST digits sit inside a blank 4-pixel border, so torch.roll shifts them without wrapping ink.
-    """
-    model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        with autocast(x.device):
-            views = [torch.roll(xb, s, dims=(2, 3)) for s in TTA_SHIFTS] if tta else [xb]
-            logp = torch.stack([model(v).float().log_softmax(1) for v in views])  # (views, B, 20)
-        logp = torch.logsumexp(logp, 0) - math.log(len(views))  # log of the mean probability
-        loss += F.nll_loss(logp, yb, reduction="sum").item()
-        correct += (logp.argmax(1) == yb).sum().item()
-    return loss / len(x), correct / len(x)
-
-
-def autocast(device):
-    """bf16 autocast on a GPU (tensor cores); plain float32 on the CPU, where bf16 convs are slow."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def train_classifier(cfg, seed, run_dir, train, test, device):
-    """Train one seed; returns its result dict. `test` is only ever passed to evaluate()."""
+def train_classifier(cfg, seed, run_dir, train, test, hw):
+    """Train one seed; returns its result dict (None when paused). `test` is only ever passed to evaluate()."""
     x_train, y_train = train
     torch.manual_seed(seed)
     # channels_last (NHWC) suits both oneDNN on the CPU (75 -> 54 ms/step measured) and cuDNN on the GPU.
-    model = make_classifier(cfg).to(device, memory_format=torch.channels_last)
-    ema = make_classifier(cfg).to(device, memory_format=torch.channels_last)
+    model = make_classifier(cfg).to(hw.device, memory_format=torch.channels_last)
+    ema = make_classifier(cfg).to(hw.device, memory_format=torch.channels_last).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     decay_params = [p for p in model.parameters() if p.ndim >= 2]  # conv and linear weights
     other_params = [p for p in model.parameters() if p.ndim < 2]  # BN affine, biases: no decay
     opt = torch.optim.AdamW([{"params": decay_params, "weight_decay": cfg.weight_decay},
-                             {"params": other_params, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+                             {"params": other_params, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99),
+                            fused=hw.device.type == "cuda")
+    scaler = grad_scaler(hw)
     curves = {"step": [], "train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
-    start, ckpt_path = 0, os.path.join(run_dir, "ckpt.pt")
-    if cfg.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        for key in ("model", "arch"):
-            if ck["config"][key] != getattr(cfg, key):
-                raise UserError(f"{ckpt_path} was trained with --{key} {ck['config'][key]}, not {getattr(cfg, key)}; "
-                                f"resume with the same model or use another --out")
-        if ck["step"] > cfg.steps:
-            raise UserError(f"{ckpt_path} has already taken {ck['step']:,} steps, more than --steps {cfg.steps:,}")
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        start, curves = ck["step"], ck["curves"]
-        if ck.get("result"):
+    start, seconds_before, ckpt_path = 0, 0.0, os.path.join(run_dir, "ckpt.pt")
+    if os.path.exists(ckpt_path):  # classify() has refused it unless --resume
+        ck = load_checkpoint(ckpt_path, "classify", cfg)
+        if ck["result"]:
             print(f"run seed {seed}: already finished in {ckpt_path}")
             return ck["result"]
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])  # Adam's step counters stay on the CPU, as torch keeps them
+        scaler.load_state_dict(ck["scaler"])
+        start, curves, seconds_before = ck["step"], ck["curves"], ck["seconds"]
         print(f"resuming seed {seed} from step {start:,} ({ckpt_path})")
     eval_model = ema if cfg.ema > 0 else model
     background = x_train.min().item()  # the normalised value of an empty pixel
-    sample = EpochSampler(len(x_train), cfg.batch_size, seed, device)
-    sub = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:cfg.eval_train].to(device)
+    sample = EpochSampler(len(x_train), cfg.batch_size, seed, hw.device)
+    eval_subset = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:cfg.eval_train]
+    eval_subset = eval_subset.to(hw.device)
+    stop_at = stop_point(cfg.pause_at, start, cfg.steps)
+    t0 = time.time()
 
     def checkpoint(step, result=None):
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                    "step": step, "steps_budget": STEP_LIMIT, "seed": seed, "config": asdict(cfg),
-                                    "curves": curves, "result": result})
+        save_checkpoint(ckpt_path, {"command": "classify", "model": model.state_dict(), "ema": ema.state_dict(),
+                                    "opt": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                                    "seed": seed, "config": asdict(cfg), "curves": curves, "result": result,
+                                    "seconds": seconds_before + time.time() - t0})
 
-    stop_at = min(cfg.pause_at or cfg.steps, cfg.steps)
-    t0, t_log, loss_sum, acc_sum, n_sum = time.time(), time.time(), 0.0, 0.0, 0
+    progress = Progress(cfg.steps, stop_at, start)
+    window = torch.zeros(2, device=hw.device)  # summed (loss, accuracy) since the last line: no sync per step
     with StopFlag() as flag:
         for step in range(start, stop_at):
-            torch.manual_seed(seed * 1_000_003 + step)  # augmentation noise depends on (seed, step) only
-            lr = get_lr(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            seed_step(seed, step)
+            lr = set_lr(opt, get_lr(step, cfg))
             idx = sample(step)
-            xb, yb = augment_digits(x_train[idx], cfg, background), y_train[idx]
+            strength = 1 - step / cfg.steps if cfg.aug_decay else 1.0
+            xb, yb = augment_digits(x_train[idx], cfg, background, strength), y_train[idx]
             model.train()
-            with autocast(device):
+            with autocast(hw):
                 out = model(xb)
-                loss = F.cross_entropy(out.float(), yb)
+            loss = F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))  # short warm-up of the average
-            loss_sum, acc_sum, n_sum = loss_sum + loss.detach(), acc_sum + (out.argmax(1) == yb).float().mean(), n_sum + 1
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            ema_update(ema, model, ema_decay(cfg.ema, step))
+            window += torch.stack([loss.detach(), (out.argmax(1) == yb).float().mean()])
             done = step + 1
             if done % cfg.log_every == 0 or done == stop_at:
-                now = time.time()
-                ms = 1000 * (now - t_log) / n_sum
-                print(f"step {done:5d}/{cfg.steps} | loss {loss_sum.item() / n_sum:.4f} | acc {acc_sum.item() / n_sum:.3f}"
-                      f" | lr {lr:.1e} | {ms:.1f} ms/step | eta {fmt_time(ms * (stop_at - done) / 1000)}", flush=True)
-                t_log, loss_sum, acc_sum, n_sum = now, 0.0, 0.0, 0
+                loss_mean, acc_mean = (window / (done - progress.done)).tolist()
+                progress.line(done, loss=f"{loss_mean:.4f}", acc=f"{acc_mean:.3f}", lr=f"{lr:.1e}")
+                window.zero_()
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                tr_loss, tr_acc = evaluate(eval_model, x_train[sub], y_train[sub])
-                te_loss, te_acc = evaluate(eval_model, *test)
-                for k, v in zip(curves, (done, tr_loss, tr_acc, te_loss, te_acc)):
-                    curves[k].append(v)
-                print(f"eval {done:5d}/{cfg.steps} | train loss {tr_loss:.4f} acc {tr_acc:.4f} "
-                      f"| test loss {te_loss:.4f} acc {te_acc:.4f}", flush=True)
+                train_loss, train_acc = evaluate(eval_model, x_train[eval_subset], y_train[eval_subset])
+                test_loss, test_acc = evaluate(eval_model, *test)
+                for key, value in zip(curves, (done, train_loss, train_acc, test_loss, test_acc)):
+                    curves[key].append(value)
+                print(f"eval {done:5d}/{cfg.steps} | train loss {train_loss:.4f} acc {train_acc:.4f} "
+                      f"| test loss {test_loss:.4f} acc {test_acc:.4f}", flush=True)
                 checkpoint(done)
-                t_log = time.time()  # ms/step and the ETA count training steps, not evaluations
+                progress.restart(done)
             if flag.stop:
                 checkpoint(done)
-                raise UserError(f"interrupted after step {done:,}; checkpoint saved in {ckpt_path}, "
-                                f"continue with --resume --out {cfg.out}")
+                raise interrupted(done, ckpt_path, cfg)
     if stop_at < cfg.steps:
         checkpoint(stop_at)
         print(f"paused after step {stop_at:,} as asked (--pause-at); continue with --resume --out {cfg.out}")
@@ -544,67 +704,53 @@ def train_classifier(cfg, seed, run_dir, train, test, device):
     train_loss, train_acc = evaluate(eval_model, x_train, y_train, tta=cfg.tta)
     test_loss, test_acc = evaluate(eval_model, *test, tta=cfg.tta)
     test_acc_single = evaluate(eval_model, *test)[1] if cfg.tta else test_acc
-    result = {"seed": seed, "steps": cfg.steps, "train_loss": train_loss, "train_acc": train_acc,
+    result = {"seed": seed, "steps": stop_at, "train_loss": train_loss, "train_acc": train_acc,
               "test_loss": test_loss, "test_acc": test_acc, "test_acc_single_view": test_acc_single,
-              "tta": cfg.tta, "seconds": time.time() - t0, "curves": curves}
-    checkpoint(cfg.steps, result)
+              "tta": cfg.tta, "seconds": seconds_before + time.time() - t0, "curves": curves}
+    checkpoint(stop_at, result)
     return result
-
-
-def plot_accuracy(path, results):
-    series = []
-    for r in results:
-        c = r["curves"]
-        series.append(("train accuracy", c["step"], c["train_acc"], PALETTE[0]))
-        series.append(("test accuracy", c["step"], c["test_acc"], PALETTE[1]))
-    line_plot(path, series, f"AddNIST accuracy ({len(results)} run{'s' * (len(results) > 1)})", "step", "accuracy")
 
 
 def classify(cfg):
     """`python mm.py classify`: train cfg.runs seeds, print a table, write metrics.json and accuracy.png."""
-    device = pick_device(cfg.device)
-    require_positive(cfg, ("steps", "runs", "batch_size", "eval_every", "log_every"))
+    check_bounds(cfg, CLASSIFY_BOUNDS)
     n_params = count_params(make_classifier(cfg))
-    print(f"classify on {device} | model {cfg.model} | arch {cfg.arch}")
-    enforce_budget("Number of parameters", n_params, PARAM_LIMIT, inclusive=False, allow_penalty=cfg.allow_penalty)
-    enforce_budget("Number of optimisation steps", cfg.steps, STEP_LIMIT, inclusive=True, allow_penalty=cfg.allow_penalty)
+    print(f"classify | model {cfg.model} | arch {cfg.arch}")
+    enforce_budget("Number of parameters", n_params, CLASSIFY_PARAM_LIMIT, False, cfg.allow_penalty)
+    enforce_budget("Number of optimisation steps", cfg.steps, CLASSIFY_STEP_LIMIT, True, cfg.allow_penalty)
     print(f"> Work per step: {cfg.batch_size} images ({3 * cfg.batch_size} digits); "
           f"{cfg.steps * cfg.batch_size:,} images seen per run, {cfg.runs} run(s)")
-    os.makedirs(cfg.out, exist_ok=True)
-    if not cfg.resume and os.path.exists(os.path.join(cfg.out, "run0", "ckpt.pt")):
-        raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
-    to_dev = lambda a: torch.from_numpy(a).to(device)
-    train = tuple(map(to_dev, data.load_split("addnist", "train", cfg.data_dir or None)))
-    test = tuple(map(to_dev, data.load_test("addnist", cfg.data_dir or None)))  # evaluation only
-    print(f"AddNIST train {tuple(train[0].shape)}, test {tuple(test[0].shape)}")
+    check_out(cfg, holds_checkpoint(cfg.out))
+    hw = pick_hardware(cfg)
+    splits = [data.load_split("addnist", split, cfg.data_dir or None) for split in cfg.train_on.split("+")]
+    to_device = lambda a: torch.from_numpy(a).to(hw.device)
+    train = (to_device(np.concatenate([x for x, _ in splits])), to_device(np.concatenate([y for _, y in splits])))
+    test = tuple(map(to_device, data.load_test("addnist", cfg.data_dir or None)))  # evaluation only
+    print(f"AddNIST {cfg.train_on} {tuple(train[0].shape)}, test {tuple(test[0].shape)}")
     save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
     results = []
     for r in range(cfg.runs):
-        run_dir = os.path.join(cfg.out, f"run{r}")
-        os.makedirs(run_dir, exist_ok=True)
         print(f"--- run {r + 1}/{cfg.runs} (seed {cfg.seed + r})")
-        result = train_classifier(cfg, cfg.seed + r, run_dir, train, test, device)
+        result = train_classifier(cfg, cfg.seed + r, os.path.join(cfg.out, f"run{r}"), train, test, hw)
         if result is None:  # paused
             return None
         results.append(result)
-    print(f"\n{'run':>3} {'seed':>5} {'train loss':>11} {'train acc':>10} {'test acc':>9} {'time':>8}")
-    for i, r in enumerate(results):
-        print(f"{i:>3} {r['seed']:>5} {r['train_loss']:>11.4f} {r['train_acc']:>10.4f} {r['test_acc']:>9.4f} "
-              f"{fmt_time(r['seconds']):>8}")
-    metrics = {"params": n_params, "steps": cfg.steps, "runs": len(results), "device": str(device),
-               "config": asdict(cfg)}
+    print_table([{"run": i, "seed": r["seed"], "steps": r["steps"], "train loss": f"{r['train_loss']:.4f}",
+                  "train acc %": f"{100 * r['train_acc']:.2f}", "test acc %": f"{100 * r['test_acc']:.2f}",
+                  "time": fmt_time(r["seconds"])} for i, r in enumerate(results)])
+    metrics = {"params": n_params, "steps": results[0]["steps"], "runs": len(results), "device": str(hw.device),
+               "precision": hw.precision, "config": asdict(cfg)}
     for key in ("train_loss", "train_acc", "test_acc", "test_loss", "test_acc_single_view"):
         metrics[f"{key}_mean"], metrics[f"{key}_std"] = mean_std([r[key] for r in results])
     metrics["per_run"] = results
-    m = metrics
-    print(f"mean ± std (n={len(results)}): train loss {m['train_loss_mean']:.4f} ± {m['train_loss_std']:.4f} | "
-          f"train acc {100 * m['train_acc_mean']:.2f} ± {100 * m['train_acc_std']:.2f} % | "
-          f"test acc {100 * m['test_acc_mean']:.2f} ± {100 * m['test_acc_std']:.2f} %"
-          + (f" (single view {100 * m['test_acc_single_view_mean']:.2f} ± {100 * m['test_acc_single_view_std']:.2f} %)"
-             if cfg.tta else ""))
+    single = mean_std([r["test_acc_single_view"] for r in results])
+    print(f"mean ± std (n={len(results)}): train loss {metrics['train_loss_mean']:.4f} ± {metrics['train_loss_std']:.4f}"
+          f" | train acc {percent(mean_std([r['train_acc'] for r in results]))} %"
+          f" | test acc {percent(mean_std([r['test_acc'] for r in results]))} %"
+          + (f" (single view {percent(single)} %)" if cfg.tta else ""))
     save_json(os.path.join(cfg.out, "metrics.json"), metrics)
     plot_accuracy(os.path.join(cfg.out, "accuracy.png"), results)
-    print(f"wrote {cfg.out}/metrics.json, {cfg.out}/accuracy.png, {cfg.out}/run*/ckpt.pt")
+    print(f"wrote {cfg.out}/config.json, metrics.json, accuracy.png, run*/ckpt.pt")
     return metrics
 
 
@@ -640,6 +786,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, cin, cout, emb_dim, dropout):
         super().__init__()
+        # 8 groups as in small U-Nets, but at least 4 channels per group so narrow layers still normalise
         self.norm1 = nn.GroupNorm(min(8, cin // 4), cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.film = nn.Linear(emb_dim, 2 * cout)  # (scale, shift) per channel
@@ -669,7 +816,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):  # (B, C, H, W) -> same
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(B, 3, self.heads, C // self.heads, H * W).transpose(3, 4).unbind(1)
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)  # reshape: NHWC-safe
+        q, k, v = qkv.transpose(3, 4).unbind(1)  # each (B, heads, HW, C/heads)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
         return x + self.proj(out.transpose(2, 3).reshape(B, C, H, W))
 
@@ -686,7 +834,9 @@ class UNet(nn.Module):
     def __init__(self, widths=(32, 64, 96), blocks=1, emb_dim=128, n_classes=100, dropout=0.1, sigma_data=0.5):
         super().__init__()
         self.sigma_data, self.n_classes = sigma_data, n_classes
-        self.register_buffer("freqs", torch.randn(emb_dim // 4) * 4, persistent=True)  # fixed Fourier frequencies
+        # Fixed random Fourier frequencies (Tancik et al. 2020) for c_noise = ln(σ)/4, which spans about
+        # -2..1.5 in training: a std of 4 cycles per unit resolves noise levels a few percent apart.
+        self.register_buffer("freqs", torch.randn(emb_dim // 4) * 4, persistent=True)
         self.noise_mlp = nn.Sequential(nn.Linear(emb_dim // 2, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(n_classes + 1, emb_dim)
         self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
@@ -733,9 +883,13 @@ class UNet(nn.Module):
 
 
 def make_unet(cfg):
-    widths = tuple(int(w) for w in cfg.widths.split(","))
-    if any(w % 8 for w in widths):
-        raise UserError(f"--widths {cfg.widths}: every width must be a multiple of 8 (group norm, attention heads)")
+    try:
+        widths = tuple(int(w) for w in cfg.widths.split(","))
+    except ValueError:
+        raise UserError(f"--widths {cfg.widths}: give three whole numbers, e.g. 32,64,80") from None
+    if len(widths) < 1 or any(w < 8 or w % 8 for w in widths) or cfg.emb_dim % 4:
+        raise UserError(f"--widths {cfg.widths} --emb-dim {cfg.emb_dim}: every width must be a positive multiple of 8 "
+                        f"(group norm, attention heads) and the embedding a multiple of 4 (Fourier features)")
     return UNet(widths, cfg.blocks, cfg.emb_dim, dropout=cfg.dropout, sigma_data=cfg.sigma_data)
 
 
@@ -751,14 +905,17 @@ def edm_loss(net, x, labels, cfg):
     noisy = x + sigma[:, None, None, None] * torch.randn_like(x)  # the forward process: x_σ = x + σ n
     weight = (sigma ** 2 + cfg.sigma_data ** 2) / (sigma * cfg.sigma_data) ** 2
     denoised = net(noisy, sigma, net.class_embed(labels))
-    return (weight[:, None, None, None] * (denoised - x) ** 2).mean()
+    return (weight[:, None, None, None] * (denoised.float() - x) ** 2).mean()
+
+
+FP32 = None  # hw argument of the sampler meaning "no autocast" (tests and the CPU)
 
 
 @torch.no_grad()
-def guided_denoise(net, x, sigma, class_emb, guidance):
+def guided_denoise(net, x, sigma, class_emb, guidance, hw=FP32):
     """Classifier-free guidance: D_u + w (D_c - D_u); w = 1 is the plain conditional model (one pass)."""
     s = torch.full((len(x),), sigma, device=x.device, dtype=torch.float32)
-    with autocast(x.device):
+    with autocast(hw or Hardware(x.device, "fp32")):
         if guidance == 1:
             return net(x, s, class_emb).float()
         null = net.class_embed(torch.full((len(x),), net.n_classes, device=x.device))
@@ -768,16 +925,16 @@ def guided_denoise(net, x, sigma, class_emb, guidance):
 
 
 @torch.no_grad()
-def edm_heun_sampler(net, z, class_emb, steps, guidance=1.0):
+def edm_heun_sampler(net, z, class_emb, steps, guidance=1.0, hw=FP32):
     """Karras et al. 2022, Algorithm 1 (deterministic: S_churn = 0): Heun's method on the probability-flow
     ODE dx/dσ = (x - D(x; σ))/σ from σ_0 = 80 to 0. z (B, 3, 32, 32) ~ N(0, I). NFE = 2 steps - 1."""
     sigmas = edm_sigmas(steps).tolist()
     x = z.double() * sigmas[0]  # float64 state: the solver's update stays exact however the net runs
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - guided_denoise(net, x.float(), s, class_emb, guidance).double()) / s
+        d = (x - guided_denoise(net, x.float(), s, class_emb, guidance, hw).double()) / s
         x_next = x + (s_next - s) * d  # Euler step
         if s_next > 0:  # second-order correction (Heun), skipped on the last step to σ = 0
-            d_next = (x_next - guided_denoise(net, x_next.float(), s_next, class_emb, guidance).double()) / s_next
+            d_next = (x_next - guided_denoise(net, x_next.float(), s_next, class_emb, guidance, hw).double()) / s_next
             x_next = x + (s_next - s) * (d + d_next) / 2
         x = x_next
     return x.float()
@@ -797,29 +954,103 @@ def slerp(a, b, t):
     return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
 
 
-def save_grid(path, images, nrow, scale=2, pad=2):
-    """uint8 (N, 3, H, W) -> one PNG grid with nrow images per row, each scaled up `scale` times."""
-    n, _, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    canvas = Image.new("RGB", (nrow * (w * scale + pad) + pad, rows * (h * scale + pad) + pad), "white")
-    for i, img in enumerate(images.cpu()):
-        tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((w * scale, h * scale), Image.NEAREST)
-        canvas.paste(tile, (pad + (i % nrow) * (w * scale + pad), pad + (i // nrow) * (h * scale + pad)))
-    canvas.save(path)
-
-
 # ---------------------------------------------------------------------------------------------
-# Diffusion training: a budgeted loop, then samples, interpolations, neighbours and FID
+# Diffusion training: set up, the budgeted loop, then samples and figures, then scores
 
-def sample_images(net, labels, cfg, device, seed):
+Trained = namedtuple("Trained", "step curve seconds")  # where a generator's training stands
+
+
+def setup_generator(cfg, hw, ckpt_path):
+    """The U-Net, its EMA, the optimiser and grad scaler: fresh, or restored from the checkpoint."""
+    torch.manual_seed(cfg.seed)  # the initial weights (and Fourier frequencies) depend on the seed alone
+    net = make_unet(cfg).to(hw.device, memory_format=torch.channels_last)
+    ema = make_unet(cfg).to(hw.device, memory_format=torch.channels_last).requires_grad_(False)
+    ema.load_state_dict(net.state_dict())
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), fused=hw.device.type == "cuda")
+    scaler = grad_scaler(hw)
+    trained = Trained(0, {"step": [], "loss": []}, 0.0)
+    if os.path.exists(ckpt_path) and (cfg.resume or cfg.sample_only):
+        ck = load_checkpoint(ckpt_path, "generate", cfg)
+        net.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        scaler.load_state_dict(ck["scaler"])
+        trained = Trained(ck["step"], ck["curve"], ck["seconds"])
+        print(f"loaded {ckpt_path} at step {trained.step:,}")
+    return net, ema, opt, scaler, trained
+
+
+def train_generator(cfg, net, ema, opt, scaler, x_train, y_train, hw, ckpt_path, trained):
+    """The budgeted loop from trained.step; returns the Trained record at the end (None when paused)."""
+    sample = EpochSampler(len(x_train), cfg.batch_size, cfg.seed, hw.device)
+    curve, t0 = trained.curve, time.time()
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and hw.device.type == "cuda")
+    if use_compile:
+        torch._dynamo.config.suppress_errors = True  # a failed compile falls back to eager, with a warning
+        print("compiling the training forward with torch.compile (the first steps are slow; falls back to eager)")
+    forward = torch.compile(net) if use_compile else net  # shares net's parameters
+
+    def checkpoint(step):
+        save_checkpoint(ckpt_path, {"command": "generate", "model": net.state_dict(), "ema": ema.state_dict(),
+                                    "opt": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                                    "config": asdict(cfg), "curve": curve,
+                                    "seconds": trained.seconds + time.time() - t0})
+
+    stop_at = stop_point(cfg.pause_at, trained.step, cfg.steps)
+    progress = Progress(cfg.steps, stop_at, trained.step)
+    loss_sum = torch.zeros((), device=hw.device)  # summed since the last line: no host sync per step
+    with StopFlag() as flag:
+        for step in range(trained.step, stop_at):
+            seed_step(cfg.seed, step)  # noise levels, noise, dropout, flips
+            lr = set_lr(opt, get_lr(step, cfg))
+            idx = sample(step)
+            xb = x_train[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]  (B, 3, 32, 32)
+            flip = torch.rand(len(xb), device=hw.device) < (0.5 if cfg.flip else 0.0)  # drawn either way: same stream
+            xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)  # horizontal flips
+            net.train()
+            with autocast(hw):
+                loss = edm_loss(forward, xb, y_train[idx], cfg)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            ema_update(ema, net, ema_decay(cfg.ema, step))
+            loss_sum += loss.detach()
+            done = step + 1
+            if done % cfg.log_every == 0 or done == stop_at:
+                curve["step"].append(done)
+                curve["loss"].append(loss_sum.item() / (done - progress.done))
+                rate = cfg.batch_size * (done - progress.done) / (time.time() - progress.t)
+                progress.line(done, loss=f"{curve['loss'][-1]:.4f}", lr=f"{lr:.1e}", img_per_s=f"{rate:.0f}")
+                loss_sum.zero_()
+            if done % cfg.sample_every == 0 and done < cfg.steps:  # a grid to watch the run by
+                ema.eval()
+                grid = sample_images(ema, torch.arange(64) % 100, cfg, hw, cfg.seed)
+                save_grid(os.path.join(cfg.out, "progress.png"), grid, nrow=8)
+                checkpoint(done)
+                progress.restart(done)
+            if flag.stop:
+                checkpoint(done)
+                raise interrupted(done, ckpt_path, cfg)
+    checkpoint(stop_at)
+    if stop_at < cfg.steps:
+        print(f"paused after step {stop_at:,} as asked (--pause-at); continue with --resume --out {cfg.out}")
+        return None
+    return Trained(stop_at, curve, trained.seconds + time.time() - t0)
+
+
+def sample_images(net, labels, cfg, hw, seed):
     """Samples for the given class labels from fresh noise z (seeded): (N,) -> uint8 (N, 3, 32, 32)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     t0 = time.time()
     for i in range(0, len(labels), cfg.sample_batch):
-        lab = labels[i:i + cfg.sample_batch].to(device)
-        z = torch.randn(len(lab), 3, 32, 32, generator=g).to(device)
-        out.append(to_uint8(edm_heun_sampler(net, z, net.class_embed(lab), cfg.sampler_steps, cfg.guidance)).cpu())
+        lab = labels[i:i + cfg.sample_batch].to(hw.device)
+        z = torch.randn(len(lab), 3, 32, 32, generator=g).to(hw.device)
+        x = edm_heun_sampler(net, z, net.class_embed(lab), cfg.sampler_steps, cfg.guidance, hw)
+        out.append(to_uint8(x).cpu())
         done = i + len(lab)
         if len(labels) > cfg.sample_batch:
             rate = done / (time.time() - t0)
@@ -828,171 +1059,132 @@ def sample_images(net, labels, cfg, device, seed):
     return torch.cat(out)
 
 
-def interpolations(net, cfg, device, seed, pairs=8, frames=10):
+def interpolations(net, cfg, hw, seed, pairs=8, frames=10):
     """For each pair: slerp the noise and lerp the class embedding, then run the deterministic sampler.
     Frame 0 and frame -1 are exactly the two endpoint samples.  -> uint8 (pairs * frames, 3, 32, 32)"""
     g = torch.Generator().manual_seed(seed + 1)
     za, zb = torch.randn(pairs, 3, 32, 32, generator=g), torch.randn(pairs, 3, 32, 32, generator=g)
-    la, lb = torch.randint(0, net.n_classes, (pairs,), generator=g), torch.randint(0, net.n_classes, (pairs,), generator=g)
-    ea, eb = net.class_embed(la.to(device)), net.class_embed(lb.to(device))
+    la = torch.randint(0, net.n_classes, (pairs,), generator=g)
+    lb = torch.randint(0, net.n_classes, (pairs,), generator=g)
+    ea, eb = net.class_embed(la.to(hw.device)), net.class_embed(lb.to(hw.device))
     ts = torch.linspace(0, 1, frames).tolist()
-    z = torch.stack([slerp(za[p], zb[p], t) for p in range(pairs) for t in ts]).to(device)
+    z = torch.stack([slerp(za[p], zb[p], t) for p in range(pairs) for t in ts]).to(hw.device)
     emb = torch.stack([(1 - t) * ea[p] + t * eb[p] for p in range(pairs) for t in ts])
-    return to_uint8(edm_heun_sampler(net, z, emb, cfg.sampler_steps, cfg.guidance)).cpu(), (la, lb)
+    return to_uint8(edm_heun_sampler(net, z, emb, cfg.sampler_steps, cfg.guidance, hw)).cpu(), (la, lb)
 
 
-def nearest_neighbours(samples, train_u8, k=3, inception=None):
-    """Pixel-L2 (and, given the Inception net, feature-L2) nearest training images of each sample."""
+def nearest_neighbours(samples, train_u8, k=3, sample_feats=None, train_feats=None):
+    """Pixel-L2 (and, given Inception features, feature-L2) nearest training images of each sample.
+
+    Distances are exact (cdist without its matmul shortcut, which loses digits, more so under TF32).
+    """
     a = samples.float().flatten(1)  # (S, 3072)
     best_d, best_i = [], []
     for i in range(0, len(train_u8), 10_000):  # chunks keep the (S, chunk) distance matrix small
-        d = torch.cdist(a, train_u8[i:i + 10_000].float().flatten(1).to(a.device))
+        chunk = train_u8[i:i + 10_000].float().flatten(1).to(a.device)
+        d = torch.cdist(a, chunk, compute_mode="donot_use_mm_for_euclid_dist")
         dd, ii = d.topk(k, dim=1, largest=False)
-        best_d.append(dd), best_i.append(ii + i)
+        best_d.append(dd)
+        best_i.append(ii + i)
     d, idx = torch.cat(best_d, 1), torch.cat(best_i, 1)
     order = d.argsort(1)[:, :k]
     result = {"pixel_l2": d.gather(1, order).tolist(), "pixel_index": idx.gather(1, order).tolist()}
-    if inception is not None:
-        fs = torch.from_numpy(fid.inception_features(samples, inception, quiet=True))
-        ft = torch.from_numpy(fid.inception_features(train_u8, inception))
-        dd, ii = torch.cdist(fs, ft).topk(k, dim=1, largest=False)
+    if sample_feats is not None:
+        fs, ft = torch.from_numpy(sample_feats), torch.from_numpy(train_feats)
+        dd, ii = torch.cdist(fs, ft, compute_mode="donot_use_mm_for_euclid_dist").topk(k, dim=1, largest=False)
         result.update(inception_l2=dd.tolist(), inception_index=ii.tolist())
     return result
 
 
-def train_generator(cfg, net, ema, opt, x_train, y_train, device, ckpt_path, start, curve):
-    """The budgeted loop from step `start`, extending `curve`; returns it (None when paused).
-    The checkpoint holds everything for exact resume."""
-    sample = EpochSampler(len(x_train), cfg.batch_size, cfg.seed, device)
+def write_samples_and_figures(cfg, ema, hw):
+    """The first 64 samples as a grid (not cherry-picked), all samples as .npz, and the interpolations."""
+    labels = torch.arange(max(cfg.fid_samples, 64)) % 100  # classes cycled; at least the 64 of the grid
+    t0 = time.time()
+    images = sample_images(ema, labels, cfg, hw, cfg.seed)  # (N, 3, 32, 32) uint8
+    sample_seconds = time.time() - t0
+    save_grid(os.path.join(cfg.out, "samples.png"), images[:64], nrow=8)
+    np.savez(os.path.join(cfg.out, "samples.npz"), images=images.numpy(), labels=labels.numpy())
+    frames, (la, lb) = interpolations(ema, cfg, hw, cfg.seed)
+    save_grid(os.path.join(cfg.out, "interpolations.png"), frames, nrow=10)
+    return images, {"fid_samples": len(images), "sample_seconds": sample_seconds,
+                    "interpolation_classes": [la.tolist(), lb.tolist()]}
 
-    def checkpoint(step):
-        save_checkpoint(ckpt_path, {"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                    "step": step, "steps_budget": GEN_STEP_LIMIT, "config": asdict(cfg),
-                                    "curve": curve})
 
-    t_log, loss_sum, n_sum = time.time(), 0.0, 0
-    stop_at = min(cfg.pause_at or cfg.steps, cfg.steps)
-    with StopFlag() as flag:
-        for step in range(start, stop_at):
-            torch.manual_seed(cfg.seed * 1_000_003 + step)  # noise levels, noise, dropout, flips: from (seed, step)
-            lr = get_lr(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            idx = sample(step)
-            xb = x_train[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]  (B, 3, 32, 32)
-            flip = torch.rand(len(xb), device=device) < (0.5 if cfg.flip else 0.0)  # drawn either way: same noise stream
-            xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)  # horizontal flips
-            net.train()
-            with autocast(device):
-                loss = edm_loss(net, xb, y_train[idx], cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-            ema_update(ema, net, min(cfg.ema, (1 + step) / (10 + step)))
-            loss_sum, n_sum, done = loss_sum + loss.detach(), n_sum + 1, step + 1
-            if done % cfg.log_every == 0 or done == stop_at:
-                ms = 1000 * (time.time() - t_log) / n_sum
-                curve["step"].append(done), curve["loss"].append(loss_sum.item() / n_sum)
-                print(f"step {done:6d}/{cfg.steps} | loss {curve['loss'][-1]:.4f} | lr {lr:.1e} | "
-                      f"{cfg.batch_size * 1000 / ms:.0f} img/s | {ms:.1f} ms/step | eta {fmt_time(ms * (cfg.steps - done) / 1000)}",
-                      flush=True)
-                t_log, loss_sum, n_sum = time.time(), 0.0, 0
-            if done % cfg.sample_every == 0 and done < cfg.steps:  # a grid to watch the run by
-                ema.eval()
-                save_grid(os.path.join(cfg.out, "progress.png"), sample_images(ema, torch.arange(64) % 100, cfg, device,
-                                                                               cfg.seed), nrow=8)
-                checkpoint(done)
-                t_log = time.time()
-            if flag.stop:
-                checkpoint(done)
-                raise UserError(f"interrupted after step {done:,}; checkpoint saved in {ckpt_path}, "
-                                f"continue with --resume --out {cfg.out}")
-    checkpoint(stop_at)
-    if stop_at < cfg.steps:
-        print(f"paused after step {stop_at:,} as asked (--pause-at); continue with --resume --out {cfg.out}")
-        return None
-    return curve
+def score_samples(cfg, images, x_train, hw, metrics):
+    """FID against the test split, and the nearest training images of the first 8 samples (neighbours.png).
+    Without the Inception weights (offline), FID is null with the reason, and neighbours use pixels only."""
+    inception, sample_feats, train_feats = None, None, None
+    try:
+        inception = fid.load_inception(hw.device, cfg.data_dir or None)
+    except UserError as e:
+        metrics["fid"], metrics["fid_unavailable"] = None, str(e)
+        print(f"FID skipped: {e}")
+    cache = data.data_root(cfg.data_dir or None)
+    if inception is not None:
+        x_test, _ = data.load_test("cifar100", cfg.data_dir or None)  # the test split is used for FID only
+        ref = fid.reference_stats(x_test, {"dataset": "cifar100", "split": "test"}, inception, cache)
+        metrics["fid"] = fid.frechet_distance(*fid.stats_of(images, inception), *ref)
+        metrics["fid_protocol"] = "pytorch-fid (Inception pool3, bilinear 299), samples vs the CIFAR-100 test split"
+        sample_feats = fid.inception_features(images[:8], inception, quiet=True)
+        train_feats = fid.cached_features(x_train.cpu(), {"dataset": "cifar100", "split": "train"}, inception, cache)
+    shown = images[:8]
+    found = nearest_neighbours(shown.to(hw.device), x_train, 3, sample_feats, train_feats)
+    metrics["neighbours"] = found
+    rows = [torch.stack([shown[i]] + [x_train[j].cpu() for j in found["pixel_index"][i]]) for i in range(len(shown))]
+    save_grid(os.path.join(cfg.out, "neighbours.png"), torch.cat(rows), nrow=4)
 
 
 def generate(cfg):
-    """`python mm.py generate`: train the class-conditional diffusion model, then write every output."""
-    device = pick_device(cfg.device)
-    require_positive(cfg, ("steps", "batch_size", "sampler_steps", "log_every", "sample_every", "sample_batch"))
-    torch.manual_seed(cfg.seed)  # the initial weights (and Fourier frequencies) depend on the seed alone
-    net = make_unet(cfg).to(device, memory_format=torch.channels_last)
-    n_params = count_params(net)
-    print(f"generate on {device} | U-Net widths {cfg.widths}, {cfg.blocks} block(s) per level")
-    enforce_budget("Number of parameters", n_params, GEN_PARAM_LIMIT, inclusive=False, allow_penalty=cfg.allow_penalty)
-    print("  (every trained network counted: the U-Net with its embeddings; the EMA is an average of the same "
-          "weights, not a second network)")
-    enforce_budget("Number of optimisation steps", cfg.steps, GEN_STEP_LIMIT, inclusive=True, allow_penalty=cfg.allow_penalty)
-    os.makedirs(cfg.out, exist_ok=True)
+    """`python mm.py generate`: train the class-conditional diffusion model, then write every output.
+
+    Stages: set up (fresh or from the checkpoint) -> train -> samples and figures -> scores. Every count
+    reported (steps, seconds) comes from the checkpoint that produced the samples.
+    """
+    check_bounds(cfg, GENERATE_BOUNDS)
+    t_start = time.time()
     ckpt_path = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
-    ema = make_unet(cfg).to(device, memory_format=torch.channels_last)
-    ema.load_state_dict(net.state_dict())
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    start, curve, t0 = 0, {"step": [], "loss": []}, time.time()
-    if cfg.resume or cfg.sample_only:
+    if cfg.sample_only:  # the architecture and the training record come from the checkpoint
         if not os.path.exists(ckpt_path):
             raise UserError(f"no checkpoint at {ckpt_path}; train first, or point --ckpt at one")
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ck["step"] > cfg.steps and not cfg.sample_only:
-            raise UserError(f"{ckpt_path} has already taken {ck['step']:,} steps, more than --steps {cfg.steps:,}")
-        try:
-            net.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
-        except (RuntimeError, ValueError):
-            raise UserError(f"{ckpt_path} holds another architecture than --widths {cfg.widths} --blocks {cfg.blocks}; "
-                            f"pass the same ones") from None
-        start, curve = ck["step"], ck["curve"]
-        print(f"loaded {ckpt_path} at step {start:,}")
-    elif os.path.exists(ckpt_path):
-        raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
-    x_train, y_train = (torch.from_numpy(a).to(device) for a in data.load_split("cifar100", "train", cfg.data_dir or None))
+        trained_config = load_checkpoint(ckpt_path, "generate")["config"]
+        cfg = replace(cfg, **{k: v for k, v in trained_config.items() if k not in RESUME_FREE["generate"]})
+    n_params = count_params(make_unet(cfg))
+    print(f"generate | U-Net widths {cfg.widths}, {cfg.blocks} block(s) per level")
+    enforce_budget("Number of parameters", n_params, GENERATE_PARAM_LIMIT, False, cfg.allow_penalty)
+    print("  (every trained network counted: the U-Net with its embeddings; the EMA is an average of the same "
+          "weights, not a second network)")
+    enforce_budget("Number of optimisation steps", cfg.steps, GENERATE_STEP_LIMIT, True, cfg.allow_penalty)
+    if not cfg.sample_only:
+        check_out(cfg, os.path.exists(ckpt_path))
+    else:
+        check_out(replace(cfg, resume=False), False)
+    hw = pick_hardware(cfg)
+    net, ema, opt, scaler, trained = setup_generator(cfg, hw, ckpt_path)
+    x_train, y_train = (torch.from_numpy(a).to(hw.device) for a in data.load_split("cifar100", "train",
+                                                                                   cfg.data_dir or None))
     save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
     if not cfg.sample_only:
         print(f"> Work per step: {cfg.batch_size} images; {cfg.steps * cfg.batch_size:,} images seen; CIFAR-100 train "
               f"{tuple(x_train.shape)}")
-        curve = train_generator(cfg, net, ema, opt, x_train, y_train, device, ckpt_path, start, curve)
-        if curve is None:  # paused
+        trained = train_generator(cfg, net, ema, opt, scaler, x_train, y_train, hw, ckpt_path, trained)
+        if trained is None:  # paused
             return None
-    train_seconds = time.time() - t0
     ema.eval()
     nfe = (2 * cfg.sampler_steps - 1) * (1 if cfg.guidance == 1 else 2)
-    labels = torch.arange(max(cfg.fid_samples, 64)) % 100  # classes cycled; at least the 64 of the grid
-    t1 = time.time()
-    images = sample_images(ema, labels, cfg, device, cfg.seed)  # (N, 3, 32, 32) uint8
-    sample_seconds = time.time() - t1
-    save_grid(os.path.join(cfg.out, "samples.png"), images[:64], nrow=8)  # the first 64, not cherry-picked
-    np.savez(os.path.join(cfg.out, "samples.npz"), images=images.numpy(), labels=labels.numpy())
-    frames, (la, lb) = interpolations(ema, cfg, device, cfg.seed)
-    save_grid(os.path.join(cfg.out, "interpolations.png"), frames, nrow=10)
-    metrics = {"params": n_params, "steps": cfg.steps, "sampler": "EDM Heun (Karras et al. 2022, Alg. 1)",
-               "sampler_steps": cfg.sampler_steps, "nfe": nfe, "guidance": cfg.guidance,
-               "fid_samples": len(images), "loss_curve": curve, "train_seconds": train_seconds,
-               "sample_seconds": sample_seconds, "interpolation_classes": [la.tolist(), lb.tolist()],
-               "config": asdict(cfg)}
-    inception = None
-    try:
-        inception = fid.load_inception(device, cfg.data_dir or None)
-        x_test, _ = data.load_test("cifar100", cfg.data_dir or None)  # the test split is used for FID only
-        ref = fid.reference_stats(x_test, {"dataset": "cifar100", "split": "test"}, inception,
-                                  data.data_root(cfg.data_dir or None))
-        metrics["fid"] = fid.frechet_distance(*fid.stats_of(images, inception), *ref)
-        metrics["fid_protocol"] = "pytorch-fid (Inception pool3, bilinear 299), samples vs the CIFAR-100 test split"
-    except UserError as e:
-        metrics["fid"], metrics["fid_unavailable"] = None, str(e)
-        print(f"FID skipped: {e}")
-    show = images[:8]
-    nn_result = nearest_neighbours(show.to(device), x_train, k=3, inception=inception)
-    metrics["neighbours"] = nn_result
-    rows = [torch.stack([show[i].cpu()] + [x_train[j].cpu() for j in nn_result["pixel_index"][i]]) for i in range(len(show))]
-    save_grid(os.path.join(cfg.out, "neighbours.png"), torch.cat(rows), nrow=4)
-    metrics["wall_seconds"] = time.time() - t0
-    save_json(os.path.join(cfg.out, "metrics.json"), metrics)
-    print(f"\nparams {n_params:,} | steps {cfg.steps:,} | sampler Heun {cfg.sampler_steps} steps, NFE {nfe}, guidance "
-          f"{cfg.guidance} | FID ({len(images):,} samples) {metrics['fid'] if metrics['fid'] is None else round(metrics['fid'], 2)}")
-    print(f"wrote {cfg.out}/samples.png, interpolations.png, neighbours.png, samples.npz, metrics.json"
+    images, sampled = write_samples_and_figures(cfg, ema, hw)
+    metrics = {"params": n_params, "steps": trained.step, "sampler": "EDM Heun (Karras et al. 2022, Alg. 1)",
+               "sampler_steps": cfg.sampler_steps, "nfe": nfe, "guidance": cfg.guidance, **sampled,
+               "loss_curve": trained.curve, "train_seconds": trained.seconds, "checkpoint": ckpt_path,
+               "device": str(hw.device), "precision": hw.precision, "config": asdict(cfg)}
+    metrics_path = os.path.join(cfg.out, "metrics.json")
+    save_json(metrics_path, metrics)  # written before scoring: the samples' record survives any failure there
+    score_samples(cfg, images, x_train, hw, metrics)
+    metrics["wall_seconds"] = time.time() - t_start  # this call: setup, any training, sampling, scoring
+    save_json(metrics_path, metrics)
+    fid_text = "null" if metrics["fid"] is None else f"{metrics['fid']:.2f}"
+    print_table([{"params": f"{n_params:,}", "steps": f"{trained.step:,}", "sampler": f"Heun {cfg.sampler_steps}",
+                  "NFE": nfe, "guidance": cfg.guidance, f"FID ({len(images):,} samples)": fid_text}])
+    print(f"wrote {cfg.out}/samples.png, interpolations.png, neighbours.png, samples.npz, config.json, metrics.json"
           + ("" if cfg.sample_only else f"; checkpoint {ckpt_path}"))
     return metrics
 
@@ -1090,79 +1282,87 @@ def crop_flip(x, pad=4):
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
-COMPARE = [  # (name, depth, bn, residual, lr) and the known train / val accuracy (%) to compare with
-    ("VGG_08", 8, False, False, 1e-3, (51.6, 46.8)),
-    ("VGG_38", 38, False, False, 1e-3, (1.0, 1.0)),
-    ("VGG_38 + residual", 38, False, True, 1e-3, (61.5, 52.3)),
-    ("VGG_38 + BN + residual", 38, True, True, 1e-3, (63.0, 53.8)),
-    ("VGG_38 + BN (lr 1e-2)", 38, True, False, 1e-2, (52.3, 46.7)),
+Comparison = namedtuple("Comparison", "name depth bn residual lr known_train_acc known_val_acc")
+COMPARISONS = [  # the five reference configurations and their published train / val accuracy (%)
+    Comparison("VGG_08", 8, False, False, 1e-3, 51.6, 46.8),
+    Comparison("VGG_38", 38, False, False, 1e-3, 1.0, 1.0),
+    Comparison("VGG_38 + residual", 38, False, True, 1e-3, 61.5, 52.3),
+    Comparison("VGG_38 + BN + residual", 38, True, True, 1e-3, 63.0, 53.8),
+    Comparison("VGG_38 + BN (lr 1e-2)", 38, True, False, 1e-2, 52.3, 46.7),
 ]
 
 
-def train_vgg(cfg, seed, run_dir, splits, device):
-    """Train one configuration for cfg.epochs; returns its result (best-validation model scored on test)."""
+def cosine_epoch_lr(epoch, cfg):
+    """Cosine annealing per epoch (Loshchilov & Hutter 2017), as the coursework's CosineAnnealingLR steps it."""
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+
+
+def train_vgg(cfg, seed, run_dir, splits, hw):
+    """Train one configuration for cfg.epochs; returns its result (best-validation model scored on test),
+    or None when paused."""
     (x_tr, y_tr), (x_val, y_val), test = splits
     torch.manual_seed(seed)
-    model = VGG(cfg.depth, cfg.bn, cfg.residual).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model = VGG(cfg.depth, cfg.bn, cfg.residual).to(hw.device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=hw.device.type == "cuda")
+    scaler = grad_scaler(hw)
     per_epoch = len(x_tr) // cfg.batch_size
     curves = {k: [] for k in ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")}
-    flows, best, start = [], {"val_acc": -1.0}, 0
+    flows, best, start, seconds_before = [], {"val_acc": -1.0}, 0, 0.0
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    if cfg.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        start, curves, flows, best = ck["epoch"], ck["curves"], ck["flows"], ck["best"]
-        if ck.get("result"):
+    if os.path.exists(ckpt_path):  # gradflow() has refused it unless --resume
+        ck = load_checkpoint(ckpt_path, "gradflow", cfg)
+        if ck["result"]:
             print(f"{run_dir}: already finished")
             return ck["result"]
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        scaler.load_state_dict(ck["scaler"])
+        start, curves, flows, best, seconds_before = ck["epoch"], ck["curves"], ck["flows"], ck["best"], ck["seconds"]
         print(f"resuming {run_dir} from epoch {start}")
-    sample = EpochSampler(len(x_tr), cfg.batch_size, seed, device)
+    sample = EpochSampler(len(x_tr), cfg.batch_size, seed, hw.device)
+    stop_epoch = stop_point(cfg.pause_at, start, cfg.epochs, "epoch")
+    t0 = time.time()
 
     def checkpoint(epoch, result=None):
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
-                                    "config": asdict(cfg), "curves": curves, "flows": flows, "best": best,
-                                    "result": result})
+        save_checkpoint(ckpt_path, {"command": "gradflow", "model": model.state_dict(), "opt": opt.state_dict(),
+                                    "scaler": scaler.state_dict(), "epoch": epoch, "config": asdict(cfg),
+                                    "curves": curves, "flows": flows, "best": best, "result": result,
+                                    "seconds": seconds_before + time.time() - t0})
 
-    t0 = t_log = time.time()
+    progress = Progress(cfg.epochs * per_epoch, stop_epoch * per_epoch, start * per_epoch)
     with StopFlag() as flag:
-        for epoch in range(start, cfg.epochs):
-            # Cosine annealing per epoch (Loshchilov & Hutter 2017), as the coursework's scheduler steps it.
-            lr = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-            for group in opt.param_groups:
-                group["lr"] = lr
+        for epoch in range(start, stop_epoch):
+            lr = set_lr(opt, cosine_epoch_lr(epoch, cfg))
             model.train()
-            loss_sum, correct = 0.0, 0.0
+            loss_sum, correct = torch.zeros((), device=hw.device), torch.zeros((), device=hw.device)
             for i in range(per_epoch):
                 step = epoch * per_epoch + i
-                torch.manual_seed(seed * 1_000_003 + step)  # augmentation from (seed, step): exact resume
+                seed_step(seed, step)
                 idx = sample(step)
                 xb, yb = crop_flip(x_tr[idx]), y_tr[idx]
-                with autocast(device):
+                with autocast(hw):
                     out = model(xb).float()
                 loss = F.cross_entropy(out, yb)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if i == per_epoch - 1:  # gradient flow after the last batch of the epoch
+                    scaler.unscale_(opt)  # true gradients, not fp16-scaled ones
                     flows.append(gradient_flow(model))
-                opt.step()
-                loss_sum, correct = loss_sum + loss.detach(), correct + (out.argmax(1) == yb).sum()
+                scaler.step(opt)
+                scaler.update()
+                loss_sum += loss.detach()
+                correct += (out.argmax(1) == yb).sum()
                 if flag.stop and i < per_epoch - 1:  # checkpoints are per epoch: keep the last one intact
                     kept = (f"the checkpoint after epoch {epoch} in {ckpt_path} is kept" if epoch else
                             "no epoch had finished, so there is no checkpoint yet")
                     raise UserError(f"interrupted in epoch {epoch + 1}; {kept}, and --resume --out {cfg.out} "
                                     f"repeats epoch {epoch + 1}")
                 if (step + 1) % cfg.log_every == 0:
-                    ms = 1000 * (time.time() - t_log) / cfg.log_every
-                    left = cfg.epochs * per_epoch - step - 1
-                    print(f"step {step + 1:6d}/{cfg.epochs * per_epoch} | epoch {epoch + 1} | loss {loss.item():.4f}"
-                          f" | lr {lr:.1e} | {ms:.1f} ms/step | eta {fmt_time(ms * left / 1000)}", flush=True)
-                    t_log = time.time()
+                    progress.line(step + 1, epoch=epoch + 1, loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
             train_loss, train_acc = loss_sum.item() / per_epoch, correct.item() / (per_epoch * cfg.batch_size)
             val_loss, val_acc = evaluate(model, x_val, y_val)
-            for k, v in zip(curves, (epoch + 1, lr, train_loss, train_acc, val_loss, val_acc)):
-                curves[k].append(v)
+            for key, value in zip(curves, (epoch + 1, lr, train_loss, train_acc, val_loss, val_acc)):
+                curves[key].append(value)
             if val_acc > best["val_acc"]:  # keep the best-validation weights for the test evaluation
                 best = {"val_acc": val_acc, "epoch": epoch + 1, "train_acc": train_acc,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
@@ -1170,34 +1370,21 @@ def train_vgg(cfg, seed, run_dir, splits, device):
                   f"| val loss {val_loss:.4f} acc {val_acc:.4f} | grad entry {flows[-1]['entry.0.weight']:.2e}",
                   flush=True)
             checkpoint(epoch + 1)
-            t_log = time.time()
+            progress.restart((epoch + 1) * per_epoch)
             if flag.stop:
-                raise UserError(f"interrupted after epoch {epoch + 1}; checkpoint saved in {ckpt_path}, "
-                                f"continue with --resume --out {cfg.out}")
+                raise interrupted(epoch + 1, ckpt_path, cfg, unit="epoch")
+    if stop_epoch < cfg.epochs:
+        print(f"paused after epoch {stop_epoch} as asked (--pause-at); continue with --resume --out {cfg.out}")
+        return None
     model.load_state_dict(best["state"])
     test_loss, test_acc = evaluate(model, *test)
-    result = {"seed": seed, "params": count_params(model), "best_epoch": best["epoch"],
+    result = {"seed": seed, "params": count_params(model), "epochs": stop_epoch, "best_epoch": best["epoch"],
               "train_acc": curves["train_acc"][-1], "val_acc": curves["val_acc"][-1],
               "best_val_acc": best["val_acc"], "test_acc": test_acc, "test_loss": test_loss,
-              "seconds": time.time() - t0, "curves": curves, "grad_flow": flows}
-    checkpoint(cfg.epochs, result)
+              "seconds": seconds_before + time.time() - t0, "curves": curves, "grad_flow": flows}
+    checkpoint(stop_epoch, result)
     plot_run(run_dir, result)
     return result
-
-
-def plot_run(run_dir, result):
-    """gradflow.png (mean |grad| per layer, a line per chosen epoch) and curves.png (accuracy per epoch)."""
-    flows, names = result["grad_flow"], list(result["grad_flow"][0])
-    n = len(flows)
-    chosen = sorted({0, n // 4, n // 2, 3 * n // 4, n - 1})  # a few epochs, first and last included
-    series = [(f"epoch {e + 1}", list(range(len(names))), [flows[e][k] for k in names], PALETTE[i % len(PALETTE)])
-              for i, e in enumerate(chosen)]
-    line_plot(os.path.join(run_dir, "gradflow.png"), series, "gradient flow: mean |dL/dW| per layer", "layer",
-              "mean |grad|", size=(1000, 560), logy=True, xlabels=[layer_name(k) for k in names])
-    c = result["curves"]
-    line_plot(os.path.join(run_dir, "curves.png"),
-              [("train accuracy", c["epoch"], c["train_acc"], PALETTE[0]),
-               ("val accuracy", c["epoch"], c["val_acc"], PALETTE[1])], "accuracy per epoch", "epoch", "accuracy")
 
 
 def load_cifar_splits(cfg, device):
@@ -1218,51 +1405,266 @@ def load_cifar_splits(cfg, device):
 
 def gradflow(cfg):
     """`python mm.py gradflow`: train one configuration (or --compare the five), with gradient-flow plots."""
-    device = pick_device(cfg.device)
-    require_positive(cfg, ("epochs", "runs", "batch_size", "log_every"))
-    configs = [c for c in COMPARE] if cfg.compare else \
-        [(f"VGG_{cfg.depth:02d}" + " + BN" * cfg.bn + " + residual" * cfg.residual, cfg.depth, cfg.bn, cfg.residual,
-          cfg.lr, None)]
-    os.makedirs(cfg.out, exist_ok=True)
-    if not cfg.resume and any(os.path.exists(os.path.join(root, "ckpt.pt")) for root, _, _ in os.walk(cfg.out)):
-        raise UserError(f"{cfg.out} already holds runs; pass --resume to continue them or choose another --out")
-    splits = load_cifar_splits(cfg, device)
-    print(f"gradflow on {device} | CIFAR-100 train {len(splits[0][0])}, val {len(splits[1][0])}, "
-          f"test {len(splits[2][0])} | {cfg.epochs} epochs of {len(splits[0][0]) // cfg.batch_size} steps")
+    check_bounds(cfg, GRADFLOW_BOUNDS)
+    VGG(cfg.depth)  # refuses a depth that cannot be built, before any work
+    name = f"VGG_{cfg.depth:02d}" + " + BN" * cfg.bn + " + residual" * cfg.residual
+    configs = COMPARISONS if cfg.compare else [Comparison(name, cfg.depth, cfg.bn, cfg.residual, cfg.lr, None, None)]
+    check_out(cfg, holds_checkpoint(cfg.out))
+    hw = pick_hardware(cfg)
+    splits = load_cifar_splits(cfg, hw.device)
+    print(f"gradflow | CIFAR-100 train {len(splits[0][0])}, val {len(splits[1][0])}, test {len(splits[2][0])} | "
+          f"{cfg.epochs} epochs of {len(splits[0][0]) // cfg.batch_size} steps")
     save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
     rows = []
-    for name, depth, bn, residual, lr, known in configs:
-        run_cfg = GradflowConfig(**{**asdict(cfg), "depth": depth, "bn": bn, "residual": residual, "lr": lr})
-        print(f"=== {name}: > Number of parameters {count_params(VGG(depth, bn, residual))}")
+    for config in configs:
+        run_cfg = replace(cfg, depth=config.depth, bn=config.bn, residual=config.residual, lr=config.lr)
+        print(f"=== {config.name}: > Number of parameters {count_params(VGG(config.depth, config.bn, config.residual))}")
         results = []
         for r in range(cfg.runs):
-            run_dir = os.path.join(cfg.out, re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + f"/seed{cfg.seed + r}")
-            os.makedirs(run_dir, exist_ok=True)
-            results.append(train_vgg(run_cfg, cfg.seed + r, run_dir, splits, device))
-            save_json(os.path.join(run_dir, "metrics.json"), results[-1])
-        row = {"name": name, "params": results[0]["params"], "known_train_val": known, "runs": len(results)}
+            folder = re.sub(r"[^A-Za-z0-9]+", "_", config.name).strip("_")
+            run_dir = os.path.join(cfg.out, folder, f"seed{cfg.seed + r}")
+            result = train_vgg(run_cfg, cfg.seed + r, run_dir, splits, hw)
+            if result is None:  # paused
+                return None
+            save_json(os.path.join(run_dir, "metrics.json"), result)
+            results.append(result)
+        row = {"name": config.name, "params": results[0]["params"], "epochs": results[0]["epochs"], "lr": config.lr,
+               "known_train_val": None if config.known_train_acc is None else [config.known_train_acc,
+                                                                                 config.known_val_acc],
+               "runs": len(results)}
         for key in ("train_acc", "val_acc", "best_val_acc", "test_acc"):
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r[key] for r in results])
         rows.append(row)
-    print(f"\naccuracy as mean ± std over {cfg.runs} seed(s) (sample std, 0 for one seed); known = published "
+    print(f"\naccuracy % as mean ± std over {cfg.runs} seed(s) (sample std, 0 for one seed); known = published "
           f"train / val %")
-    print(f"{'configuration':<24} {'params':>8} {'train acc %':>14} {'val acc %':>14} {'test acc %':>14} {'known':>12}")
-    for row in rows:
-        ms = lambda k: f"{100 * row[k + '_mean']:.1f} ± {100 * row[k + '_std']:.1f}"
-        known = "{} / {}".format(*row["known_train_val"]) if row["known_train_val"] else "-"
-        print(f"{row['name']:<24} {row['params']:>8,} {ms('train_acc'):>14} {ms('val_acc'):>14} {ms('test_acc'):>14} "
-              f"{known:>12}")
-    save_json(os.path.join(cfg.out, "metrics.json"), {"config": asdict(cfg), "device": str(device), "table": rows})
-    print(f"wrote {cfg.out}/metrics.json and, per run, gradflow.png, curves.png, metrics.json, ckpt.pt")
+    print_table([{"configuration": row["name"], "params": f"{row['params']:,}",
+                  "train acc": percent((row["train_acc_mean"], row["train_acc_std"])),
+                  "val acc": percent((row["val_acc_mean"], row["val_acc_std"])),
+                  "test acc": percent((row["test_acc_mean"], row["test_acc_std"])),
+                  "known": "{} / {}".format(*row["known_train_val"]) if row["known_train_val"] else "-"}
+                 for row in rows])
+    save_json(os.path.join(cfg.out, "metrics.json"), {"config": asdict(cfg), "device": str(hw.device),
+                                                      "precision": hw.precision, "table": rows})
+    print(f"wrote {cfg.out}/config.json, metrics.json and, per run, gradflow.png, curves.png, metrics.json, ckpt.pt")
     return rows
+
+# ---------------------------------------------------------------------------------------------
+# Speed benchmark: each command's training step, the sampler and the Inception features on this device
+
+@dataclass
+class BenchConfig:
+    out: str = "runs/bench"  # folder for bench.json
+    repeats: int = 10  # timed repetitions of each measurement, after 3 untimed warm-up ones
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPUs with fast bf16, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
+    deterministic: bool = True  # GPU: deterministic cuDNN/cuBLAS kernels (--no-deterministic: what cuDNN finds fastest)
+    compile: str = "auto"  # torch.compile the generator's training forward: auto (on for CUDA) | on | off
+
+
+BENCH_BOUNDS = {"repeats": "[1, 1000]"}
+
+
+def time_call(fn, hw, repeats):
+    """Seconds per call of fn: 3 warm-up calls (they absorb compilation and cuDNN's search), then the mean
+    of `repeats` timed calls, synchronised with the GPU at both ends."""
+    for _ in range(3):
+        fn()
+    sync = torch.cuda.synchronize if hw.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+def bench(cfg):
+    """`python mm.py bench`: time the default training steps, the sampler and Inception; write bench.json."""
+    check_bounds(cfg, BENCH_BOUNDS)
+    check_out(replace(cfg, resume=False), False)
+    hw = pick_hardware(cfg)
+    torch.manual_seed(0)
+    rows = []
+
+    def training_step(model, opt, loss_fn):  # the loops' update, without their bookkeeping
+        def step():
+            with autocast(hw):
+                loss = loss_fn(model)
+            opt.zero_grad(set_to_none=True)
+            loss.float().backward()
+            opt.step()
+        return step
+
+    c = ClassifyConfig()
+    model = make_classifier(c).to(hw.device, memory_format=torch.channels_last)
+    x, y = torch.randn(c.batch_size, 3, 28, 28, device=hw.device), torch.randint(0, 20, (c.batch_size,), device=hw.device)
+    loss_fn = lambda m: F.cross_entropy(m(augment_digits(x, c, -0.42)).float(), y)
+    seconds = time_call(training_step(model, torch.optim.AdamW(model.parameters()), loss_fn), hw, cfg.repeats)
+    rows.append(("classify", f"train step, batch {c.batch_size}", seconds, c.steps))
+    g = GenerateConfig()
+    unet = make_unet(g).to(hw.device, memory_format=torch.channels_last)
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and hw.device.type == "cuda")
+    forward = torch.compile(unet) if use_compile else unet  # as the generator's training loop runs it
+    xg, yg = torch.randn(g.batch_size, 3, 32, 32, device=hw.device), torch.randint(0, 100, (g.batch_size,), device=hw.device)
+    seconds = time_call(training_step(forward, torch.optim.Adam(unet.parameters()), lambda m: edm_loss(m, xg, yg, g)),
+                        hw, cfg.repeats)
+    rows.append(("generate", f"train step, batch {g.batch_size}", seconds, g.steps))
+    d = GradflowConfig()
+    vgg = VGG(38).to(hw.device, memory_format=torch.channels_last)
+    xv, yv = torch.randn(d.batch_size, 3, 32, 32, device=hw.device), torch.randint(0, 100, (d.batch_size,), device=hw.device)
+    seconds = time_call(training_step(vgg, torch.optim.Adam(vgg.parameters()), lambda m: F.cross_entropy(m(xv), yv)),
+                        hw, cfg.repeats)
+    rows.append(("gradflow", f"VGG_38 train step, batch {d.batch_size}", seconds, 100 * 47_500 // d.batch_size))
+    n = 1000 if hw.device.type == "cuda" else 8  # a CPU samples slowly: a small batch is enough to time it
+    unet.eval()
+    z, emb = torch.randn(n, 3, 32, 32, device=hw.device), unet.class_embed(torch.arange(n, device=hw.device) % 100)
+    seconds = time_call(lambda: edm_heun_sampler(unet, z, emb, g.sampler_steps, 1.0, hw), hw, max(1, cfg.repeats // 5))
+    rows.append(("generate", f"sampler, NFE {2 * g.sampler_steps - 1}, {n} images", seconds / n, g.fid_samples))
+    n = 200 if hw.device.type == "cuda" else 10
+    inception = fid.FIDInceptionV3().eval().to(hw.device)  # random weights: the same work as the real ones
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    seconds = time_call(lambda: fid.inception_features(images, inception, quiet=True), hw, max(1, cfg.repeats // 5))
+    rows.append(("fid", f"Inception features, {n} images", seconds / n, 2 * g.fid_samples))
+    print(f"\nspeed on {hw.device} ({torch.cuda.get_device_name() if hw.device.type == 'cuda' else 'CPU'}), "
+          f"precision {hw.precision}")
+    print_table([{"command": command, "what": what, "ms each": f"{1000 * s:.1f}", "per second": f"{1 / s:,.1f}",
+                  "count": f"{count:,}", "time for the count": fmt_time(s * count)}
+                 for command, what, s, count in rows])
+    result = {"device": str(hw.device), "precision": hw.precision, "torch": torch.__version__,
+              "rows": [{"command": command, "what": what, "seconds_each": s, "count": count}
+                       for command, what, s, count in rows]}
+    save_json(os.path.join(cfg.out, "bench.json"), result)
+    print(f"wrote {cfg.out}/bench.json (count: steps of a full run, or samples / images FID needs)")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI
+# Figures: line charts and image grids as PNG, drawn with Pillow
+
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+
+
+def line_plot(path, series, title, xlabel, ylabel, size=(800, 500), logy=False, xlabels=None):
+    """Draw [(label, xs, ys, colour)] as a line chart PNG with Pillow; same-label lines share one legend row.
+
+    logy plots log10(y) with decade labels; xlabels names the integer x positions 0..n-1 (rotated text).
+    """
+    W, H = size
+    left, right, top = 80, 20, 40
+    bottom = 60 if xlabels is None else 40 + 7 * max(len(t) for t in xlabels)
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=14)
+    fy = (lambda y: math.log10(max(y, 1e-30))) if logy else (lambda y: y)
+    xs_all = [x for _, xs, _, _ in series for x in xs]
+    ys_all = [fy(y) for _, _, ys, _ in series for y in ys]
+    x0, x1 = min(xs_all), max(xs_all)
+    y0, y1 = min(ys_all), max(ys_all)
+    pad = 0.05 * (y1 - y0 or 1.0)
+    y0, y1 = y0 - pad, y1 + pad
+    x1 = x1 if x1 > x0 else x0 + 1
+
+    def px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (W - left - right),
+                H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
+
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for i in range(6):  # horizontal gridlines with y tick labels
+        yv = y0 + (y1 - y0) * i / 5
+        _, yp = px(x0, yv)
+        d.line([left, yp, W - right, yp], fill=(225, 225, 225))
+        d.text((left - 6, yp), f"1e{yv:.1f}" if logy else f"{yv:.4g}", fill="black", font=font, anchor="rm")
+        if xlabels is None:
+            xv = x0 + (x1 - x0) * i / 5
+            d.text((px(xv, y0)[0], H - bottom + 6), f"{xv:.4g}", fill="black", font=font, anchor="ma")
+    for i, text in enumerate(xlabels or []):  # one rotated label per category
+        box = font.getbbox(text)
+        tile = Image.new("RGB", (box[2] + 2, box[3] + 2), "white")
+        ImageDraw.Draw(tile).text((1, 1), text, fill="black", font=font)
+        tile = tile.rotate(90, expand=True)
+        img.paste(tile, (int(px(i, y0)[0] - tile.width / 2), H - bottom + 4))
+    for _, xs, ys, colour in series:
+        pts = [px(x, fy(y)) for x, y in zip(xs, ys)]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        for p in pts[-1:]:
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
+    legend = dict((label, colour) for label, _, _, colour in series)
+    d.rectangle([W - right - 156, top + 2, W - right - 4, top + 18 * len(legend) + 4], fill="white",
+                outline=(200, 200, 200))  # the legend sits on its own box, above the lines
+    for i, (label, colour) in enumerate(legend.items()):
+        y = top + 10 + 18 * i
+        d.line([W - right - 150, y, W - right - 125, y], fill=colour, width=3)
+        d.text((W - right - 120, y), label, fill="black", font=font, anchor="lm")
+    d.text((W / 2, 12), title, fill="black", font=font, anchor="ma")
+    d.text((W / 2, H - 18), xlabel, fill="black", font=font, anchor="ma")
+    d.text((8, top - 22), ylabel, fill="black", font=font, anchor="la")
+    img.save(path)
+
+
+def save_grid(path, images, nrow, scale=2, pad=2):
+    """uint8 (N, 3, H, W) -> one PNG grid with nrow images per row, each scaled up `scale` times."""
+    n, _, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    canvas = Image.new("RGB", (nrow * (w * scale + pad) + pad, rows * (h * scale + pad) + pad), "white")
+    for i, img in enumerate(images.cpu()):
+        tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((w * scale, h * scale), Image.NEAREST)
+        canvas.paste(tile, (pad + (i % nrow) * (w * scale + pad), pad + (i // nrow) * (h * scale + pad)))
+    canvas.save(path)
+
+
+def plot_accuracy(path, results):
+    series = []
+    for r in results:
+        c = r["curves"]
+        series.append(("train accuracy", c["step"], c["train_acc"], PALETTE[0]))
+        series.append(("test accuracy", c["step"], c["test_acc"], PALETTE[1]))
+    line_plot(path, series, f"AddNIST accuracy ({len(results)} run{'s' * (len(results) > 1)})", "step", "accuracy")
+
+
+def plot_run(run_dir, result):
+    """gradflow.png (mean |grad| per layer, a line per chosen epoch) and curves.png (accuracy per epoch)."""
+    flows, names = result["grad_flow"], list(result["grad_flow"][0])
+    n = len(flows)
+    chosen = sorted({0, n // 4, n // 2, 3 * n // 4, n - 1})  # a few epochs, first and last included
+    series = [(f"epoch {e + 1}", list(range(len(names))), [flows[e][k] for k in names], PALETTE[i % len(PALETTE)])
+              for i, e in enumerate(chosen)]
+    line_plot(os.path.join(run_dir, "gradflow.png"), series, "gradient flow: mean |dL/dW| per layer", "layer",
+              "mean |grad|", size=(1000, 560), logy=True, xlabels=[layer_name(k) for k in names])
+    c = result["curves"]
+    line_plot(os.path.join(run_dir, "curves.png"),
+              [("train accuracy", c["epoch"], c["train_acc"], PALETTE[0]),
+               ("val accuracy", c["epoch"], c["val_acc"], PALETTE[1])], "accuracy per epoch", "epoch", "accuracy")
+
+# ---------------------------------------------------------------------------------------------
+# CLI: argparse subcommands built from the config dataclasses, so --help lists every knob
 
 COMMANDS = {"classify": (ClassifyConfig, classify, "train the AddNIST classifier under its budget"),
             "generate": (GenerateConfig, generate, "train the CIFAR-100 diffusion model under its budget, sample, score"),
-            "gradflow": (GradflowConfig, gradflow, "depth study: VGG_08 vs VGG_38 on CIFAR-100, gradient flow, fixes")}
+            "gradflow": (GradflowConfig, gradflow, "depth study: VGG_08 vs VGG_38 on CIFAR-100, gradient flow, fixes"),
+            "bench": (BenchConfig, bench, "time each command's training step, the sampler and Inception on a device")}
+
+
+def field_help(cls):
+    """{field name: its trailing comment}, read from the dataclass source so help and code never drift."""
+    src = inspect.getsource(cls)
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", src, flags=re.M))
+
+
+def add_config_args(parser, cls):
+    """One --flag per dataclass field, with its type, default and comment."""
+    helps = field_help(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            shown = "on" if f.default else "off"
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f"{helps[f.name]} (default: {shown})")
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            shown = "%(default)s" if f.default != "" else "empty"
+            parser.add_argument(flag, type=typ, default=f.default, choices=CHOICES.get(f.name),
+                                metavar=f.name.upper(), help=f"{helps[f.name]} (default: {shown})")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1278,11 +1680,15 @@ def main(argv=None):
     for name, (cls, _, text) in COMMANDS.items():
         add_config_args(sub.add_parser(name, help=text, description=text), cls)
     args = vars(parser.parse_args(argv))
-    cls, fn, _ = COMMANDS[args.pop("command")]
+    cls, run_command, _ = COMMANDS[args.pop("command")]
     try:
-        fn(cls(**args))
+        run_command(cls(**args))
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # a second Ctrl-C: no new checkpoint, the last complete one stands
+        kept = (f"the checkpoint at {LAST_CHECKPOINT['path']} (after {LAST_CHECKPOINT['step']:,}) is kept"
+                if LAST_CHECKPOINT else "no checkpoint was written in this call")
+        sys.exit(f"error: aborted by a second Ctrl-C; {kept}")
 
 
 if __name__ == "__main__":

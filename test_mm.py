@@ -33,6 +33,7 @@ import fid
 import mm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+HW = mm.Hardware(torch.device("cpu"), "fp32")  # what the tests train on
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -345,7 +346,7 @@ def test_budget_penalty_rules():
     assert p(110_000, 100_000, False) == 5 and p(150_000, 100_000, False) == 25  # the coursework's examples
     assert p(110_001, 100_000, False) == 10  # part of a further 10 % costs 5 more
     assert p(10_000, 10_000, True) == 0 and p(10_001, 10_000, True) == 5 and p(20_000, 10_000, True) == 50
-    assert mm.count_params(mm.make_classifier(mm.ClassifyConfig())) < mm.PARAM_LIMIT  # the default fits
+    assert mm.count_params(mm.make_classifier(mm.ClassifyConfig())) < mm.CLASSIFY_PARAM_LIMIT  # the default fits
 
 
 def tiny_cfg(root, out, **kw):
@@ -360,7 +361,7 @@ def test_budgets_refused_unless_penalty_accepted():
     expect_error(lambda: quiet(mm.classify, big), "parameters", "--allow-penalty", "-")
     expect_error(lambda: quiet(mm.classify, tiny_cfg(root, tmpdir(), steps=10_001)), "10,001", "-5 marks")
     # With the penalty accepted the run goes ahead and says what it costs. (Limit shrunk to keep it fast.)
-    with patched(mm, STEP_LIMIT=4):
+    with patched(mm, CLASSIFY_STEP_LIMIT=4):
         m, out = quiet(mm.classify, tiny_cfg(root, tmpdir(), steps=6, allow_penalty=True))
     assert "-25 marks" in out and m["steps"] == 6, out  # 6 steps is 50 % over 4: 5 x 5
 
@@ -401,7 +402,7 @@ def test_resume_is_exact_and_keeps_the_budget():
     assert resumed["per_run"][0]["curves"] == straight["per_run"][0]["curves"]
     # Resuming cannot buy more steps than the budget, nor fewer than were already taken.
     expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out2, resume=True, steps=10_001)), "budget")
-    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out2, resume=True, steps=4)), "already taken 6")
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out2, resume=True, steps=4)), "--steps 6, not --steps 4")
     expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out2, resume=True, arch="8,M,8")), "--arch")
     again, log = quiet(mm.classify, tiny_cfg(root, out2, resume=True))  # finished: nothing is retrained
     assert "already finished" in log and again["test_acc_mean"] == straight["test_acc_mean"]
@@ -569,7 +570,7 @@ def test_interpolation_end_frames_are_the_samples():
     net = mm.make_unet(cfg).eval()
     for p in net.parameters():  # a non-trivial network (zero-initialised outputs would make every frame equal)
         torch.nn.init.normal_(p, std=0.05)
-    frames, (la, lb) = mm.interpolations(net, cfg, torch.device("cpu"), seed=3, pairs=2, frames=5)
+    frames, (la, lb) = mm.interpolations(net, cfg, HW, seed=3, pairs=2, frames=5)
     g = torch.Generator().manual_seed(4)  # the same draws as interpolations(seed=3)
     za, zb = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
     for p in range(2):
@@ -602,7 +603,7 @@ def test_generator_budgets_resume_and_learning():
         assert np.array_equal(np.load(os.path.join(straight, "samples.npz"))["images"],
                               np.load(os.path.join(part, "samples.npz"))["images"])
         # Resuming can neither exceed the budget nor go below the steps already taken.
-        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, part, resume=True, steps=2)), "already taken 6")
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, part, resume=True, steps=2)), "--steps 6, not")
         expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, part, resume=True, steps=50_001)), "budget")
         # The loss falls on a tiny dataset.
         m, _ = quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), steps=150, lr=3e-3, warmup=10, log_every=25,
@@ -621,8 +622,8 @@ def test_generator_flips_only_when_asked():
         opt = torch.optim.Adam(net.parameters())
         with patched(mm, edm_loss=lambda net, xb, labels, cfg: seen.append((xb, labels))
                      or sum(p.sum() * 0 for p in net.parameters())):  # records the batch; zero loss
-            quiet(mm.train_generator, cfg, net, copy.deepcopy(net), opt, x, y, torch.device("cpu"),
-                  os.path.join(cfg.out, "ckpt.pt"), 0, {"step": [], "loss": []})
+            quiet(mm.train_generator, cfg, net, copy.deepcopy(net), opt, mm.grad_scaler(HW), x, y, HW,
+                  os.path.join(cfg.out, "ckpt.pt"), mm.Trained(0, {"step": [], "loss": []}, 0.0))
         for xb, labels in seen:
             original = x[labels].float() / 127.5 - 1  # each row's source image (labels are unique here)
             mirrored = (xb == original.flip(3)).flatten(1).all(1)
@@ -797,24 +798,28 @@ def test_inception_structure_and_outputs():
 
 def test_features_run_without_tf32_and_restore_it():
     seen = []
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
 
-    class Probe(torch.nn.Module):  # records the precision flags while the "network" runs
+    class Probe(torch.nn.Module):  # records the precision settings while the "network" runs
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
         def forward(self, x, dims, resize):
-            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            seen.append((matmul.fp32_precision, conv.fp32_precision))
             return x.flatten(1)[:, :dims]
 
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    before = torch.backends.fp32_precision, matmul.fp32_precision, conv.fp32_precision
     try:
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        # The newer API switched on globally, as a user's script may do: reading the legacy allow_tf32 flags
+        # would now raise, so this also guards the regression where FID died after a whole training run.
+        torch.backends.fp32_precision = "tf32"
+        matmul.fp32_precision = conv.fp32_precision = "tf32"
         fid.inception_features(torch.zeros(3, 3, 32, 32, dtype=torch.uint8), Probe(), dims=64, batch_size=2, quiet=True)
-        assert seen == [(False, False), (False, False)]  # two batches, both in IEEE float32
-        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)  # restored
+        assert seen == [("ieee", "ieee"), ("ieee", "ieee")]  # two batches, both in IEEE float32
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")  # restored
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        torch.backends.fp32_precision, matmul.fp32_precision, conv.fp32_precision = before
 
 
 def test_inception_weights_download_and_strict_load():
