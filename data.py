@@ -48,8 +48,11 @@ def fmt_time(seconds):
 
 
 def data_root(data_dir=None):
-    """The cache root: the explicit argument, else $MM_DATA, else ./data."""
-    return os.path.abspath(data_dir or os.environ.get("MM_DATA") or "data")
+    """The cache root: the explicit argument, else $MM_DATA, else ./data. It must be a folder, if it exists."""
+    root = os.path.abspath(data_dir or os.environ.get("MM_DATA") or "data")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(f"the data folder {root} (from --data-dir, or $MM_DATA) is a file; point it at a folder")
+    return root
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +92,13 @@ def download(url, dest, md5=None, sha256=None, size=None, quiet=False):
         else:
             verify(dest, md5, sha256, size)
         return dest
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    folder = os.path.dirname(dest) or "."
+    if not os.path.isdir(folder):  # said aloud: a typo in --data-dir should not pass unnoticed before a big download
+        print(f"note: {folder} did not exist; creating it for the download", file=sys.stderr)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the data folder {folder} ({e.strerror or e}); choose another --data-dir") from None
     part = dest + ".part"
     by_hand = f"download {url} by hand and put it at {dest}"
     try:

@@ -206,12 +206,25 @@ class FIDInceptionV3(nn.Module):
 def load_inception(device="cpu", data_dir=None, weights=None):
     """The network with the pytorch-fid weights, fetched once into the data cache and verified."""
     model = FIDInceptionV3()
-    path = weights or os.path.join(data.data_root(data_dir), os.path.basename(WEIGHTS_URL))
+    if weights:  # the user's own file: checked, never downloaded over or moved aside
+        if not os.path.isfile(weights):
+            raise UserError(f"--weights {weights} is not a file")
+        trusted = os.environ.get("MM_TRUST_LOCAL") == "1"
+        if not trusted and not data.file_digest(weights, "sha256").startswith(WEIGHTS_SHA256):
+            raise UserError(f"--weights {weights} is not {os.path.basename(WEIGHTS_URL)} (its sha256 does not start "
+                            f"with {WEIGHTS_SHA256}); the file was left as it is")
+        path = weights
+    else:
+        path = os.path.join(data.data_root(data_dir), os.path.basename(WEIGHTS_URL))
+        try:
+            data.download(WEIGHTS_URL, path, sha256=WEIGHTS_SHA256, size=WEIGHTS_BYTES)
+        except UserError as e:
+            raise UserError(f"FID needs the Inception weights: {e}") from None
     try:
-        data.download(WEIGHTS_URL, path, sha256=WEIGHTS_SHA256, size=WEIGHTS_BYTES)
-    except UserError as e:
-        raise UserError(f"FID needs the Inception weights: {e}") from None
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    except Exception as e:  # not a torch file, truncated, or another network's weights
+        raise UserError(f"cannot load the Inception weights from {path} ({type(e).__name__}); use "
+                        f"{os.path.basename(WEIGHTS_URL)}") from None
     return model.eval().to(device)
 
 
@@ -219,7 +232,8 @@ def load_inception(device="cpu", data_dir=None, weights=None):
 # Features and statistics
 
 def clean_resize(batch):
-    """clean-fid's resize: PIL bicubic on each float channel to 299x299.  uint8 (B,3,H,W) -> float (B,3,299,299) in [0,1]."""
+    """clean-fid's resize: PIL bicubic on each float channel to 299x299.
+    uint8 (B, 3, H, W) -> float (B, 3, 299, 299) in [0, 1]."""
     out = np.empty((len(batch), 3, 299, 299), np.float32)
     for i, img in enumerate(batch.numpy()):
         for c in range(3):
@@ -259,6 +273,8 @@ def inception_features(images, model, dims=2048, batch_size=200, clean=False, qu
         raise UserError(f"FID needs uint8 images shaped (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
     if dims not in DIMS:
         raise UserError(f"--dims must be one of {DIMS}, got {dims}")
+    if batch_size < 1:  # range() would silently skip every image and leave `feats` uninitialised
+        raise UserError(f"--batch-size must be 1 or more, got {batch_size}")
     device = next(model.parameters()).device
     feats = np.empty((len(images), dims), np.float64)
     t0 = time.time()
@@ -329,7 +345,12 @@ def load_images(path):
         names = sorted(f for f in os.listdir(path) if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
         if not names:
             raise UserError(f"{path} holds no .png/.jpg/.bmp/.webp images")
-        imgs = [np.asarray(Image.open(os.path.join(path, f)).convert("RGB")) for f in names]
+        imgs = []
+        for name in names:
+            try:
+                imgs.append(np.asarray(Image.open(os.path.join(path, name)).convert("RGB")))
+            except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+                raise UserError(f"{os.path.join(path, name)} is not a readable image ({type(e).__name__})") from None
         sizes = {im.shape for im in imgs}
         if len(sizes) > 1:
             raise UserError(f"{path} mixes image sizes {sorted(sizes)[:3]}; resize them to one size first")
@@ -392,30 +413,63 @@ def reference_stats(images, key, model, cache_dir, dims=2048, batch_size=200, cl
     return feature_stats(cached_features(images, key, model, cache_dir, dims, batch_size, clean).astype(np.float64))
 
 
-def fid(a, b, model, dims=2048, batch_size=200, clean=False):
+def fid_between(a, b, model, dims=2048, batch_size=200, clean=False):
     """FID between two sources (paths, uint8 image tensors, or (mu, sigma) pairs)."""
     return frechet_distance(*stats_of(a, model, dims, batch_size, clean), *stats_of(b, model, dims, batch_size, clean))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line (what is wrong, where to look) instead of a usage block."""
+
+    def error(self, message):
+        sys.exit(f"error: {message} (see {self.prog} --help)")
+
+
+def check_inputs(sources, dims, save_stats):
+    """Everything that can be refused is refused before the network runs (it is slow on a CPU)."""
+    stats = [src for src in sources if isinstance(src, tuple)]
+    images = [src for src in sources if not isinstance(src, tuple)]
+    for mu, sigma in stats:
+        size = len(mu) if np.ndim(mu) == 1 else -1
+        if size < 1 or np.shape(sigma) != (size, size):
+            raise UserError(f"statistics with mu {np.shape(mu)} and sigma {np.shape(sigma)} are not a mean and "
+                            f"its covariance")
+    sizes = {len(mu) for mu, _ in stats} | ({dims} if images else set())
+    if len(sizes) > 1:
+        raise UserError(f"the inputs have features of different sizes {sorted(sizes)} (--dims {dims}); compare "
+                        f"statistics made with the same --dims")
+    for src in images:
+        if len(src) < 2:
+            raise UserError(f"FID needs at least 2 images per set, got {len(src)}")
+    if save_stats:
+        folder = os.path.dirname(os.path.abspath(save_stats))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UserError(f"--save-stats {save_stats}: the folder {folder} does not exist or is not writable")
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", help="folder of images, .npz/.npy of uint8 images, or .npz of statistics (mu, sigma)")
     p.add_argument("b", nargs="?", help="the second set, as for A (leave out with --save-stats)")
     p.add_argument("--save-stats", metavar="OUT", help="save mu and sigma of A to this .npz instead of comparing")
     p.add_argument("--dims", type=int, default=2048, choices=DIMS, help="feature layer (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=200, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=200, help="images per forward pass, >= 1 (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: %(default)s")
     p.add_argument("--clean", action="store_true", help="clean-fid's resize (PIL bicubic) instead of bilinear")
     p.add_argument("--data-dir", default=None, help="cache root for the weights (default $MM_DATA or ./data)")
-    p.add_argument("--weights", default=None, help="a local copy of pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--weights", default=None, help="a local copy of pt_inception-2015-12-05-6726825d.pth (checked, "
+                                                   "never moved)")
     a = p.parse_args()
     try:
         if (a.b is None) == (a.save_stats is None):
             raise UserError("give two inputs to compare, or one input with --save-stats OUT")
+        if a.batch_size < 1:
+            raise UserError(f"--batch-size must be 1 or more, got {a.batch_size}")
         if a.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
         device = "cuda" if a.device != "cpu" and torch.cuda.is_available() else "cpu"
         sources = [load_images(path) for path in (a.a, a.b) if path]  # bad inputs fail before any download
+        check_inputs(sources, a.dims, a.save_stats)
         needs_net = any(not isinstance(src, tuple) for src in sources)
         model = load_inception(device, a.data_dir, a.weights) if needs_net else None
         stats = [stats_of(src, model, a.dims, a.batch_size, a.clean) for src in sources]

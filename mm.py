@@ -12,6 +12,7 @@ Reading order: configs -> training utilities (the run plumbing every command sha
 classifier training -> diffusion -> diffusion training -> depth study -> speed benchmark -> figures -> CLI.
 """
 import argparse
+import contextlib
 import inspect
 import json
 import math
@@ -54,7 +55,7 @@ class ClassifyConfig:
     steps: int = 10_000  # optimisation steps per run (budget: at most 10,000)
     allow_penalty: bool = False  # train over a budget anyway and print the coursework penalty
     # model
-    model: str = "digits"  # digits: one shared digit CNN per channel, sum by convolution | plain: one CNN on all 3 channels
+    model: str = "digits"  # digits: a shared digit CNN per channel, sum by convolution | plain: one CNN on all 3
     arch: str = "32,M,48,M,64,96"  # 3x3 conv/BN/ReLU widths; M = 2x2 max pool, S48 = stride-2 conv, R64 = residual pair
     dropout: float = 0.0  # dropout before the digit head's linear layer
     # optimisation
@@ -80,7 +81,7 @@ class ClassifyConfig:
     log_every: int = 100  # steps between progress lines
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPUs with fast bf16, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
-    deterministic: bool = True  # GPU: deterministic cuDNN/cuBLAS kernels, so seeded runs repeat (--no-deterministic: faster)
+    deterministic: bool = True  # GPU: deterministic kernels, so seeded runs repeat (--no-deterministic: faster)
     resume: bool = False  # continue the runs checkpointed in --out instead of refusing to overwrite them
     pause_at: int = 0  # stop cleanly (checkpointed) once this many steps are done; 0 = run to the end
 
@@ -106,7 +107,7 @@ class GradflowConfig:
     epochs: int = 100  # passes over the 47,500 training images
     batch_size: int = 100  # images per step
     lr: float = 1e-3  # Adam learning rate at the start; cosine annealing per epoch down to min_lr
-    min_lr: float = 2e-5  # cosine floor, as CosineAnnealingLR: epoch e uses min_lr + (lr - min_lr)(1 + cos(pi e/epochs))/2
+    min_lr: float = 2e-5  # cosine floor, as CosineAnnealingLR: min_lr + (lr - min_lr)(1 + cos(pi e/epochs))/2
     val_size: int = 2_500  # training images held out for validation (seeded permutation)
     # runs, hardware
     runs: int = 1  # independent runs with seeds seed, seed+1, ...
@@ -114,7 +115,7 @@ class GradflowConfig:
     log_every: int = 100  # steps between progress lines
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPUs with fast bf16, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
-    deterministic: bool = True  # GPU: deterministic cuDNN/cuBLAS kernels, so seeded runs repeat (--no-deterministic: faster)
+    deterministic: bool = True  # GPU: deterministic kernels, so seeded runs repeat (--no-deterministic: faster)
     resume: bool = False  # continue the runs checkpointed in --out instead of refusing to overwrite them
     pause_at: int = 0  # stop cleanly (checkpointed) once this many epochs are done; 0 = run to the end
 
@@ -128,7 +129,7 @@ GRADFLOW_BOUNDS = {"epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, in
 class GenerateConfig:
     # data and output
     data_dir: str = ""  # dataset cache root (empty: $MM_DATA, else ./data)
-    out: str = "runs/generate"  # results folder: samples.png, interpolations.png, neighbours.png, samples.npz, progress.png, config.json, metrics.json, ckpt.pt
+    out: str = "runs/generate"  # results folder: samples, interpolations, neighbours, metrics, checkpoint (README)
     # budget
     steps: int = 50_000  # optimisation steps (budget: at most 50,000)
     allow_penalty: bool = False  # train over a budget anyway and print the coursework penalty
@@ -158,7 +159,7 @@ class GenerateConfig:
     seed: int = 0  # seeds batches, noise and samples
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPUs with fast bf16, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
-    deterministic: bool = True  # GPU: deterministic cuDNN/cuBLAS kernels, so seeded runs repeat (--no-deterministic: faster)
+    deterministic: bool = True  # GPU: deterministic kernels, so seeded runs repeat (--no-deterministic: faster)
     compile: str = "auto"  # torch.compile the training forward: auto (on for CUDA) | on | off
     resume: bool = False  # continue the run checkpointed in --out
     sample_only: bool = False  # skip training: regenerate every output from --ckpt (or OUT/ckpt.pt)
@@ -258,8 +259,9 @@ def pick_hardware(cfg):
 
 def autocast(hw):
     """Mixed precision for the forward pass (fp32: off). Losses and scores are always computed in float32."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hw.precision)
-    return torch.autocast(hw.device.type, dtype=dtype, enabled=dtype is not None)
+    if hw.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(hw.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[hw.precision])
 
 
 def grad_scaler(hw):
@@ -317,13 +319,13 @@ def load_checkpoint(path, command, cfg=None):
     return ck
 
 
-def check_out(cfg, has_run):
+def check_out(out, has_run, resume=False):
     """Before any work: --out must be writable, and hold a run exactly when --resume asks to continue one.
 
     Nothing is created here (a refused call leaves no trace); a probe file is made and removed in the
     nearest folder that exists.
     """
-    folder = os.path.abspath(cfg.out)
+    folder = os.path.abspath(out)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     try:
@@ -332,12 +334,12 @@ def check_out(cfg, has_run):
         os.close(os.open(probe := os.path.join(folder, f".mm-write-test-{os.getpid()}"), os.O_CREAT | os.O_WRONLY))
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot write results under --out {cfg.out} ({e.strerror or e}); choose a folder you can "
+        raise UserError(f"cannot write results under --out {out} ({e.strerror or e}); choose a folder you can "
                         f"write to") from None
-    if has_run and not cfg.resume:
-        raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
-    if cfg.resume and not has_run:
-        raise UserError(f"--resume: {cfg.out} holds no checkpoint to continue; leave out --resume to start a run")
+    if has_run and not resume:
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not has_run:
+        raise UserError(f"--resume: {out} holds no checkpoint to continue; leave out --resume to start a run")
 
 
 def holds_checkpoint(folder):
@@ -481,10 +483,10 @@ TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) pixel shifts
 
 
 @torch.no_grad()
-def evaluate(model, x, y, tta=False, batch_size=1000):
-    """Mean cross-entropy and accuracy of `model` in eval mode over all of (x, y), in float32 whatever the
-    training precision, so a reported accuracy does not depend on the GPU.
+def score_batches(model, x, y, tta=False, batch_size=1000):
+    """Summed cross-entropy (float64) and count of correct answers over all of (x, y), as device tensors.
 
+    Scored in float32 whatever the training precision, so a reported accuracy does not depend on the GPU.
     With tta, the class probabilities are averaged over the image and its four one-pixel shifts.
     MNIST digits sit inside a blank 4-pixel border, so torch.roll shifts them without wrapping ink.
     """
@@ -498,7 +500,13 @@ def evaluate(model, x, y, tta=False, batch_size=1000):
         logp = torch.logsumexp(logp, 0) - math.log(len(views))  # log of the mean probability
         loss += F.nll_loss(logp, yb, reduction="sum").double()
         correct += (logp.argmax(1) == yb).sum()
-    return loss.item() / len(x), correct.item() / len(x)  # one host sync per evaluation, not per batch
+    return loss, correct
+
+
+def evaluate(model, x, y, tta=False, batch_size=1000):
+    """Mean cross-entropy and accuracy of `model` in eval mode over (x, y): one host sync per evaluation."""
+    loss, correct = score_batches(model, x, y, tta, batch_size)
+    return loss.item() / len(x), correct.item() / len(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,7 +630,7 @@ def train_classifier(cfg, seed, run_dir, train, test, hw):
     """Train one seed; returns its result dict (None when paused). `test` is only ever passed to evaluate()."""
     x_train, y_train = train
     torch.manual_seed(seed)
-    # channels_last (NHWC) suits both oneDNN on the CPU (75 -> 54 ms/step measured) and cuDNN on the GPU.
+    # channels_last (NHWC) is the layout both oneDNN (CPU) and cuDNN (GPU) convolve fastest.
     model = make_classifier(cfg).to(hw.device, memory_format=torch.channels_last)
     ema = make_classifier(cfg).to(hw.device, memory_format=torch.channels_last).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
@@ -720,18 +728,23 @@ def classify(cfg):
     enforce_budget("Number of optimisation steps", cfg.steps, CLASSIFY_STEP_LIMIT, True, cfg.allow_penalty)
     print(f"> Work per step: {cfg.batch_size} images ({3 * cfg.batch_size} digits); "
           f"{cfg.steps * cfg.batch_size:,} images seen per run, {cfg.runs} run(s)")
-    check_out(cfg, holds_checkpoint(cfg.out))
+    check_out(cfg.out, holds_checkpoint(cfg.out), cfg.resume)
+    run_dirs = [os.path.join(cfg.out, f"run{r}") for r in range(cfg.runs)]
+    for run_dir in run_dirs:  # a checkpoint that cannot be continued is refused before any work
+        if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+            load_checkpoint(os.path.join(run_dir, "ckpt.pt"), "classify", cfg)
     hw = pick_hardware(cfg)
     splits = [data.load_split("addnist", split, cfg.data_dir or None) for split in cfg.train_on.split("+")]
     to_device = lambda a: torch.from_numpy(a).to(hw.device)
     train = (to_device(np.concatenate([x for x, _ in splits])), to_device(np.concatenate([y for _, y in splits])))
     test = tuple(map(to_device, data.load_test("addnist", cfg.data_dir or None)))  # evaluation only
     print(f"AddNIST {cfg.train_on} {tuple(train[0].shape)}, test {tuple(test[0].shape)}")
-    save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+    if not cfg.resume:  # the config a run started with; metrics.json records the one it finished with
+        save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
     results = []
     for r in range(cfg.runs):
         print(f"--- run {r + 1}/{cfg.runs} (seed {cfg.seed + r})")
-        result = train_classifier(cfg, cfg.seed + r, os.path.join(cfg.out, f"run{r}"), train, test, hw)
+        result = train_classifier(cfg, cfg.seed + r, run_dirs[r], train, test, hw)
         if result is None:  # paused
             return None
         results.append(result)
@@ -744,7 +757,8 @@ def classify(cfg):
         metrics[f"{key}_mean"], metrics[f"{key}_std"] = mean_std([r[key] for r in results])
     metrics["per_run"] = results
     single = mean_std([r["test_acc_single_view"] for r in results])
-    print(f"mean ± std (n={len(results)}): train loss {metrics['train_loss_mean']:.4f} ± {metrics['train_loss_std']:.4f}"
+    train_loss = metrics["train_loss_mean"], metrics["train_loss_std"]
+    print(f"mean ± std (n={len(results)}): train loss {train_loss[0]:.4f} ± {train_loss[1]:.4f}"
           f" | train acc {percent(mean_std([r['train_acc'] for r in results]))} %"
           f" | test acc {percent(mean_std([r['test_acc'] for r in results]))} %"
           + (f" (single view {percent(single)} %)" if cfg.tta else ""))
@@ -894,7 +908,8 @@ def make_unet(cfg):
 
 
 def edm_loss(net, x, labels, cfg):
-    """Karras et al. 2022, Eq. 2 with λ(σ) = (σ² + σ_d²)/(σ σ_d)²: weighted denoising error at ln σ ~ N(P_mean, P_std²).
+    """Karras et al. 2022, Eq. 2 with λ(σ) = (σ² + σ_d²)/(σ σ_d)²: the weighted denoising error at
+    ln σ ~ N(P_mean, P_std²).
 
     Labels are replaced by the "no class" index with probability p_uncond, training the unconditional
     model that classifier-free guidance needs inside the same network.
@@ -1154,15 +1169,13 @@ def generate(cfg):
     print("  (every trained network counted: the U-Net with its embeddings; the EMA is an average of the same "
           "weights, not a second network)")
     enforce_budget("Number of optimisation steps", cfg.steps, GENERATE_STEP_LIMIT, True, cfg.allow_penalty)
-    if not cfg.sample_only:
-        check_out(cfg, os.path.exists(ckpt_path))
-    else:
-        check_out(replace(cfg, resume=False), False)
+    check_out(cfg.out, os.path.exists(ckpt_path) and not cfg.sample_only, cfg.resume)
     hw = pick_hardware(cfg)
     net, ema, opt, scaler, trained = setup_generator(cfg, hw, ckpt_path)
     x_train, y_train = (torch.from_numpy(a).to(hw.device) for a in data.load_split("cifar100", "train",
                                                                                    cfg.data_dir or None))
-    save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+    if not (cfg.resume or cfg.sample_only):  # the config a run started with; metrics.json has the rest
+        save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
     if not cfg.sample_only:
         print(f"> Work per step: {cfg.batch_size} images; {cfg.steps * cfg.batch_size:,} images seen; CIFAR-100 train "
               f"{tuple(x_train.shape)}")
@@ -1241,7 +1254,8 @@ class VGG(nn.Module):
         self.entry = nn.Sequential(nn.Conv2d(3, filters, 3, padding=1, bias=False), nn.BatchNorm2d(filters),
                                    nn.LeakyReLU())
         self.stages = nn.ModuleList(  # blocks named b1..bN and red, so weights read 'stages.0.b2.conv1.weight'
-            nn.Sequential(OrderedDict([*((f"b{i + 1}", ProcessingBlock(filters, bn, residual)) for i in range(per_stage)),
+            nn.Sequential(OrderedDict([*((f"b{i + 1}", ProcessingBlock(filters, bn, residual))
+                                         for i in range(per_stage)),
                                        ("red", ReductionBlock(filters, bn))])) for _ in range(stages))
         self.fc = nn.Linear(filters, n_classes)
 
@@ -1276,8 +1290,9 @@ def crop_flip(x, pad=4):
     dy, dx = (torch.randint(0, 2 * pad + 1, (B,), device=x.device) for _ in range(2))
     rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
     cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
-    out = xp[torch.arange(B, device=x.device)[:, None, None, None], torch.arange(C, device=x.device)[None, :, None, None],
-             rows, cols]
+    batch_index = torch.arange(B, device=x.device)[:, None, None, None]
+    channel_index = torch.arange(C, device=x.device)[None, :, None, None]
+    out = xp[batch_index, channel_index, rows, cols]
     flip = torch.rand(B, device=x.device) < 0.5  # CIFAR objects are left-right symmetric in meaning
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
@@ -1409,20 +1424,27 @@ def gradflow(cfg):
     VGG(cfg.depth)  # refuses a depth that cannot be built, before any work
     name = f"VGG_{cfg.depth:02d}" + " + BN" * cfg.bn + " + residual" * cfg.residual
     configs = COMPARISONS if cfg.compare else [Comparison(name, cfg.depth, cfg.bn, cfg.residual, cfg.lr, None, None)]
-    check_out(cfg, holds_checkpoint(cfg.out))
+    check_out(cfg.out, holds_checkpoint(cfg.out), cfg.resume)
+    plan = []  # (configuration, its config, the run folders of its seeds)
+    for config in configs:
+        run_cfg = replace(cfg, depth=config.depth, bn=config.bn, residual=config.residual, lr=config.lr)
+        folder = os.path.join(cfg.out, re.sub(r"[^A-Za-z0-9]+", "_", config.name).strip("_"))
+        plan.append((config, run_cfg, [os.path.join(folder, f"seed{cfg.seed + r}") for r in range(cfg.runs)]))
+        for run_dir in plan[-1][2]:  # a checkpoint that cannot be continued is refused before any work
+            if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+                load_checkpoint(os.path.join(run_dir, "ckpt.pt"), "gradflow", run_cfg)
     hw = pick_hardware(cfg)
     splits = load_cifar_splits(cfg, hw.device)
     print(f"gradflow | CIFAR-100 train {len(splits[0][0])}, val {len(splits[1][0])}, test {len(splits[2][0])} | "
           f"{cfg.epochs} epochs of {len(splits[0][0]) // cfg.batch_size} steps")
-    save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+    if not cfg.resume:  # the config a run started with; metrics.json records the one it finished with
+        save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
     rows = []
-    for config in configs:
-        run_cfg = replace(cfg, depth=config.depth, bn=config.bn, residual=config.residual, lr=config.lr)
-        print(f"=== {config.name}: > Number of parameters {count_params(VGG(config.depth, config.bn, config.residual))}")
+    for config, run_cfg, run_dirs in plan:
+        n_params = count_params(VGG(config.depth, config.bn, config.residual))
+        print(f"=== {config.name}: > Number of parameters {n_params}")
         results = []
-        for r in range(cfg.runs):
-            folder = re.sub(r"[^A-Za-z0-9]+", "_", config.name).strip("_")
-            run_dir = os.path.join(cfg.out, folder, f"seed{cfg.seed + r}")
+        for r, run_dir in enumerate(run_dirs):
             result = train_vgg(run_cfg, cfg.seed + r, run_dir, splits, hw)
             if result is None:  # paused
                 return None
@@ -1481,7 +1503,7 @@ def time_call(fn, hw, repeats):
 def bench(cfg):
     """`python mm.py bench`: time the default training steps, the sampler and Inception; write bench.json."""
     check_bounds(cfg, BENCH_BOUNDS)
-    check_out(replace(cfg, resume=False), False)
+    check_out(cfg.out, has_run=False)
     hw = pick_hardware(cfg)
     torch.manual_seed(0)
     rows = []
@@ -1497,7 +1519,8 @@ def bench(cfg):
 
     c = ClassifyConfig()
     model = make_classifier(c).to(hw.device, memory_format=torch.channels_last)
-    x, y = torch.randn(c.batch_size, 3, 28, 28, device=hw.device), torch.randint(0, 20, (c.batch_size,), device=hw.device)
+    x = torch.randn(c.batch_size, 3, 28, 28, device=hw.device)
+    y = torch.randint(0, 20, (c.batch_size,), device=hw.device)
     loss_fn = lambda m: F.cross_entropy(m(augment_digits(x, c, -0.42)).float(), y)
     seconds = time_call(training_step(model, torch.optim.AdamW(model.parameters()), loss_fn), hw, cfg.repeats)
     rows.append(("classify", f"train step, batch {c.batch_size}", seconds, c.steps))
@@ -1505,13 +1528,15 @@ def bench(cfg):
     unet = make_unet(g).to(hw.device, memory_format=torch.channels_last)
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and hw.device.type == "cuda")
     forward = torch.compile(unet) if use_compile else unet  # as the generator's training loop runs it
-    xg, yg = torch.randn(g.batch_size, 3, 32, 32, device=hw.device), torch.randint(0, 100, (g.batch_size,), device=hw.device)
+    xg = torch.randn(g.batch_size, 3, 32, 32, device=hw.device)
+    yg = torch.randint(0, 100, (g.batch_size,), device=hw.device)
     seconds = time_call(training_step(forward, torch.optim.Adam(unet.parameters()), lambda m: edm_loss(m, xg, yg, g)),
                         hw, cfg.repeats)
     rows.append(("generate", f"train step, batch {g.batch_size}", seconds, g.steps))
     d = GradflowConfig()
     vgg = VGG(38).to(hw.device, memory_format=torch.channels_last)
-    xv, yv = torch.randn(d.batch_size, 3, 32, 32, device=hw.device), torch.randint(0, 100, (d.batch_size,), device=hw.device)
+    xv = torch.randn(d.batch_size, 3, 32, 32, device=hw.device)
+    yv = torch.randint(0, 100, (d.batch_size,), device=hw.device)
     seconds = time_call(training_step(vgg, torch.optim.Adam(vgg.parameters()), lambda m: F.cross_entropy(m(xv), yv)),
                         hw, cfg.repeats)
     rows.append(("gradflow", f"VGG_38 train step, batch {d.batch_size}", seconds, 100 * 47_500 // d.batch_size))
@@ -1640,7 +1665,7 @@ def plot_run(run_dir, result):
 # CLI: argparse subcommands built from the config dataclasses, so --help lists every knob
 
 COMMANDS = {"classify": (ClassifyConfig, classify, "train the AddNIST classifier under its budget"),
-            "generate": (GenerateConfig, generate, "train the CIFAR-100 diffusion model under its budget, sample, score"),
+            "generate": (GenerateConfig, generate, "train the CIFAR-100 diffusion model under its budget, then score"),
             "gradflow": (GradflowConfig, gradflow, "depth study: VGG_08 vs VGG_38 on CIFAR-100, gradient flow, fixes"),
             "bench": (BenchConfig, bench, "time each command's training step, the sampler and Inception on a device")}
 

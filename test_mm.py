@@ -4,6 +4,7 @@ Offline, CPU only, seeded. Each test checks our code against a reference, a clos
 that a wrong program breaks. Downloads are tested against a local HTTP server on 127.0.0.1 that serves
 fixture files written here in the official formats; nothing here needs ../shared or the internet.
 """
+import concurrent.futures
 import contextlib
 import copy
 import hashlib
@@ -27,13 +28,15 @@ import zipfile
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data
 import fid
 import mm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HW = mm.Hardware(torch.device("cpu"), "fp32")  # what the tests train on
+DEVICE = os.environ.get("MM_TEST_DEVICE", "cpu")  # `python test_mm.py --device cuda` runs the device tests there
+HW = mm.Hardware(torch.device(DEVICE), "fp32")  # what the tests train on
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -163,6 +166,41 @@ def patched(module, **values):
     finally:
         for k, v in old.items():
             setattr(module, k, v)
+
+
+# Tiny configs of the three commands (each runs in seconds on a CPU)
+
+def tiny_cfg(root, out, **kw):
+    base = dict(data_dir=root, out=out, arch="8,M,16", batch_size=8, steps=6, eval_every=3, log_every=3,
+                eval_train=32, warmup=2, device=DEVICE)
+    return mm.ClassifyConfig(**{**base, **kw})
+
+
+def tiny_gen_cfg(root, out, **kw):
+    base = dict(data_dir=root, out=out, widths="8,16,16", emb_dim=32, steps=6, batch_size=8, warmup=2,
+                sampler_steps=2, fid_samples=16, sample_batch=16, log_every=3, sample_every=1000, device=DEVICE)
+    return mm.GenerateConfig(**{**base, **kw})
+
+
+@contextlib.contextmanager
+def tiny_cifar(n_train=24, n_test=16, smooth=False, root=None):
+    """A CIFAR-100 archive in the official format (new, or the one already in `root`) with its checksum
+    accepted, and no reachable FID weights (offline)."""
+    path = os.path.join(root or tmpdir(), "cifar-100-python.tar.gz")
+    if root is None:
+        with open(path, "wb") as f:
+            f.write(cifar100_tar_bytes(n_train=n_train, n_test=n_test, smooth=smooth))
+    root, blob = os.path.dirname(path), open(path, "rb").read()
+    with http_server({}) as (url, _):
+        closed = url
+    with patched(data, CIFAR100_MD5=hashlib.md5(blob).hexdigest(), CIFAR100_BYTES=len(blob)), \
+            patched(fid, WEIGHTS_URL=closed + "/w.pth"):
+        yield root
+
+
+def tiny_gradflow_cfg(root, out, **kw):
+    base = dict(data_dir=root, out=out, depth=8, epochs=2, batch_size=4, val_size=4, log_every=5, device=DEVICE)
+    return mm.GradflowConfig(**{**base, **kw})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,12 +387,6 @@ def test_budget_penalty_rules():
     assert mm.count_params(mm.make_classifier(mm.ClassifyConfig())) < mm.CLASSIFY_PARAM_LIMIT  # the default fits
 
 
-def tiny_cfg(root, out, **kw):
-    base = dict(data_dir=root, out=out, arch="8,M,16", batch_size=8, steps=6, eval_every=3, log_every=3,
-                eval_train=32, warmup=2, device="cpu")
-    return mm.ClassifyConfig(**{**base, **kw})
-
-
 def test_budgets_refused_unless_penalty_accepted():
     root = write_addnist(tmpdir())
     big = tiny_cfg(root, tmpdir(), arch="64,M,128,M,128")
@@ -385,28 +417,30 @@ def test_seeded_runs_are_deterministic():
     assert a["train_loss_mean"] != c["train_loss_mean"]
 
 
-def test_resume_is_exact_and_keeps_the_budget():
+def test_classify_resume_is_exact():
     root = write_addnist(tmpdir())
     straight, _ = quiet(mm.classify, tiny_cfg(root, out1 := tmpdir()))
-    # Interrupted after 3 of 6 steps, then resumed: the same batches, noise and weights as straight through.
+    # Paused after 3 of 6 steps, then resumed: the same batches, noise and weights as straight through.
     assert quiet(mm.classify, tiny_cfg(root, out2 := tmpdir(), pause_at=3))[0] is None
-    assert torch.load(os.path.join(out2, "run0", "ckpt.pt"), weights_only=False)["step"] == 3
-    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out2)), "--resume")  # never overwrites silently
+    assert torch.load(os.path.join(out2, "run0", "ckpt.pt"), weights_only=True)["step"] == 3
     resumed, log = quiet(mm.classify, tiny_cfg(root, out2, resume=True))
     assert "resuming seed 0 from step 3" in log
-    a = torch.load(os.path.join(out1, "run0", "ckpt.pt"), weights_only=False)
-    b = torch.load(os.path.join(out2, "run0", "ckpt.pt"), weights_only=False)
+    a = torch.load(os.path.join(out1, "run0", "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(out2, "run0", "ckpt.pt"), weights_only=True)
     assert b["step"] == 6  # 3 + the remaining 3, not 3 + 6
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert resumed["per_run"][0]["curves"] == straight["per_run"][0]["curves"]
-    # Resuming cannot buy more steps than the budget, nor fewer than were already taken.
-    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out2, resume=True, steps=10_001)), "budget")
-    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out2, resume=True, steps=4)), "--steps 6, not --steps 4")
-    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out2, resume=True, arch="8,M,8")), "--arch")
     again, log = quiet(mm.classify, tiny_cfg(root, out2, resume=True))  # finished: nothing is retrained
     assert "already finished" in log and again["test_acc_mean"] == straight["test_acc_mean"]
 
+
+def test_classify_resume_keeps_the_budget_and_never_overwrites():
+    root, out = write_addnist(tmpdir()), tmpdir()
+    quiet(mm.classify, tiny_cfg(root, out, pause_at=3))
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out)), "--resume")  # never overwrites silently
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out, resume=True, steps=10_001)), "budget")
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, tmpdir(), resume=True)), "holds no checkpoint")
 
 def test_outputs_metrics_and_plot():
     root = write_addnist(tmpdir())
@@ -518,51 +552,61 @@ def test_heun_sampler_solves_the_ode():
           f"order {math.log2(err[100] / err[200]):.2f})")
 
 
-def tiny_gen_cfg(root, out, **kw):
-    base = dict(data_dir=root, out=out, widths="8,16,16", emb_dim=32, steps=6, batch_size=8, warmup=2,
-                sampler_steps=2, fid_samples=16, sample_batch=16, log_every=3, sample_every=1000, device="cpu")
-    return mm.GenerateConfig(**{**base, **kw})
+TRAINED = {}  # a tiny generator run shared by the tests that only read its outputs
 
 
-@contextlib.contextmanager
-def tiny_cifar(n_train=24, n_test=16, smooth=False):
-    """A CIFAR-100 archive in the official format, and no reachable FID weights (offline)."""
-    root = tmpdir()
-    blob = cifar100_tar_bytes(n_train=n_train, n_test=n_test, smooth=smooth)
-    with open(os.path.join(root, "cifar-100-python.tar.gz"), "wb") as f:
-        f.write(blob)
-    with http_server({}) as (url, _):
-        closed = url
-    with patched(data, CIFAR100_MD5=hashlib.md5(blob).hexdigest(), CIFAR100_BYTES=len(blob)), \
-            patched(fid, WEIGHTS_URL=closed + "/w.pth"):
-        yield root
+def tiny_trained_generator():
+    """(data root, out folder, metrics) of one tiny generate run, trained once per test session."""
+    if not TRAINED:
+        with tiny_cifar() as root:
+            out = tmpdir()
+            metrics, log = quiet(mm.generate, tiny_gen_cfg(root, out))
+        TRAINED.update(root=root, out=out, metrics=metrics, log=log)
+    return TRAINED
 
 
-def test_generate_outputs_determinism_and_sample_only():
-    with tiny_cifar() as root:
-        out = tmpdir()
-        m, log = quiet(mm.generate, tiny_gen_cfg(root, out))
-        assert "> Number of parameters" in log and "EMA" in log
-        assert m["fid"] is None and "Inception weights" in m["fid_unavailable"]  # offline: null with the reason
-        saved = json.load(open(os.path.join(out, "metrics.json")))
-        for key in ("params", "steps", "fid", "fid_samples", "sampler", "nfe", "guidance", "loss_curve", "wall_seconds"):
-            assert key in saved, key
-        assert saved["nfe"] == 3 and saved["loss_curve"]["step"] == [3, 6]
-        npz = np.load(os.path.join(out, "samples.npz"))
-        assert npz["images"].shape == (64, 3, 32, 32) and npz["images"].dtype == np.uint8  # never fewer than the grid
-        assert npz["labels"].tolist() == list(range(64))  # classes cycled
-        from PIL import Image
-        assert Image.open(os.path.join(out, "samples.png")).size == (8 * 66 + 2,) * 2  # 64 slots of 32x2 + 2 px
-        assert Image.open(os.path.join(out, "interpolations.png")).size == (10 * 66 + 2, 8 * 66 + 2)
-        assert Image.open(os.path.join(out, "neighbours.png")).size == (4 * 66 + 2, 8 * 66 + 2)
-        assert len(saved["neighbours"]["pixel_l2"]) == 8 and len(saved["neighbours"]["pixel_l2"][0]) == 3
-        # --sample-only regenerates the same samples from the checkpoint (the sampler is deterministic).
-        out2 = tmpdir()
-        quiet(mm.generate, tiny_gen_cfg(root, out2, sample_only=True, ckpt=os.path.join(out, "ckpt.pt")))
-        assert np.array_equal(np.load(os.path.join(out2, "samples.npz"))["images"], npz["images"])
+def test_generate_prints_its_budget_and_records_why_fid_is_missing():
+    run = tiny_trained_generator()
+    assert "> Number of parameters" in run["log"] and "EMA" in run["log"]
+    m = run["metrics"]
+    assert m["fid"] is None and "Inception weights" in m["fid_unavailable"]  # offline: null with the reason
+
+
+def test_generate_metrics_hold_every_key():
+    saved = json.load(open(os.path.join(tiny_trained_generator()["out"], "metrics.json")))
+    for key in ("params", "steps", "fid", "fid_samples", "sampler", "nfe", "guidance", "loss_curve", "wall_seconds",
+                "train_seconds", "sample_seconds"):
+        assert key in saved, key
+    assert saved["nfe"] == 3 and saved["loss_curve"]["step"] == [3, 6] and saved["steps"] == 6
+
+
+def test_generate_writes_samples_and_grids():
+    out = tiny_trained_generator()["out"]
+    npz = np.load(os.path.join(out, "samples.npz"))
+    assert npz["images"].shape == (64, 3, 32, 32) and npz["images"].dtype == np.uint8  # never fewer than the grid
+    assert npz["labels"].tolist() == list(range(64))  # classes cycled
+    from PIL import Image
+    assert Image.open(os.path.join(out, "samples.png")).size == (8 * 66 + 2,) * 2  # 64 slots of 32x2 + 2 px
+    assert Image.open(os.path.join(out, "interpolations.png")).size == (10 * 66 + 2, 8 * 66 + 2)
+    assert Image.open(os.path.join(out, "neighbours.png")).size == (4 * 66 + 2, 8 * 66 + 2)
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    assert len(saved["neighbours"]["pixel_l2"]) == 8 and len(saved["neighbours"]["pixel_l2"][0]) == 3
+
+
+def test_sample_only_reproduces_the_samples():
+    run = tiny_trained_generator()
+    out2 = tmpdir()  # the sampler is deterministic: the same checkpoint gives the same images
+    with tiny_cifar(root=run["root"]) as root:
+        quiet(mm.generate, tiny_gen_cfg(root, out2, sample_only=True, ckpt=os.path.join(run["out"], "ckpt.pt")))
+    assert np.array_equal(np.load(os.path.join(out2, "samples.npz"))["images"],
+                          np.load(os.path.join(run["out"], "samples.npz"))["images"])
+
+
+def test_generate_refuses_a_missing_checkpoint_and_an_overwrite():
+    run = tiny_trained_generator()
+    with tiny_cifar(root=run["root"]) as root:
         expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), sample_only=True)), "no checkpoint")
-        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, out)), "--resume")
-
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, run["out"])), "--resume")
 
 def test_interpolation_end_frames_are_the_samples():
     torch.manual_seed(0)
@@ -583,34 +627,38 @@ def test_interpolation_end_frames_are_the_samples():
     assert abs(mid.norm() / za[0].norm() - 1) < 0.05  # slerp keeps a Gaussian sample's norm (lerp would shrink it)
 
 
-def test_generator_budgets_resume_and_learning():
+def test_generator_budgets_are_refused():
     with tiny_cifar(n_train=16, smooth=True) as root:
         expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), widths="64,128,256")), "1,000,000",
                      "--allow-penalty")
         expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), steps=50_001)), "50,001", "-5 marks")
         expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), widths="8,12,16")), "multiple of 8")
-        # Exact resume: paused after 3 of 6 steps, then resumed == 6 straight (same batches, noise, weights).
+
+
+def test_generator_resume_is_exact():
+    with tiny_cifar(n_train=16, smooth=True) as root:
+        # Paused after 3 of 6 steps, then resumed == 6 straight (same batches, noise, weights).
         straight, part = tmpdir(), tmpdir()
         quiet(mm.generate, tiny_gen_cfg(root, straight))
         assert quiet(mm.generate, tiny_gen_cfg(root, part, pause_at=3))[0] is None
-        assert torch.load(os.path.join(part, "ckpt.pt"), weights_only=False)["step"] == 3
+        assert torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)["step"] == 3
         _, log = quiet(mm.generate, tiny_gen_cfg(root, part, resume=True))
-        a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
-        b = torch.load(os.path.join(part, "ckpt.pt"), weights_only=False)
+        a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
+        b = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
         assert b["step"] == 6 and "at step 3" in log
         for k in a["ema"]:
             assert torch.equal(a["ema"][k], b["ema"][k]), k
         assert np.array_equal(np.load(os.path.join(straight, "samples.npz"))["images"],
                               np.load(os.path.join(part, "samples.npz"))["images"])
-        # Resuming can neither exceed the budget nor go below the steps already taken.
-        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, part, resume=True, steps=2)), "--steps 6, not")
         expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, part, resume=True, steps=50_001)), "budget")
-        # The loss falls on a tiny dataset.
+
+
+def test_generator_loss_falls_on_a_tiny_dataset():
+    with tiny_cifar(n_train=16, smooth=True) as root:
         m, _ = quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), steps=150, lr=3e-3, warmup=10, log_every=25,
                                                fid_samples=2, sample_batch=2, dropout=0.0))
-        losses = m["loss_curve"]["loss"]
-        assert losses[-1] < 0.85 * losses[0] and losses[-1] < min(losses[:3]), losses
-
+    losses = m["loss_curve"]["loss"]
+    assert losses[-1] < 0.85 * losses[0] and losses[-1] < min(losses[:3]), losses
 
 def test_generator_flips_only_when_asked():
     x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)  # random images: no two are mirror images
@@ -694,7 +742,7 @@ def test_gradflow_runs_on_tiny_cifar_and_resumes():
     with open(os.path.join(root, "cifar-100-python.tar.gz"), "wb") as f:
         f.write(blob)
     out = tmpdir()
-    cfg = mm.GradflowConfig(data_dir=root, out=out, depth=8, epochs=2, batch_size=10, val_size=10, device="cpu")
+    cfg = tiny_gradflow_cfg(root, out, batch_size=10, val_size=10)
     with patched(data, CIFAR100_MD5=hashlib.md5(blob).hexdigest(), CIFAR100_BYTES=len(blob)):
         rows, log = quiet(mm.gradflow, cfg)
         expect_error(lambda: quiet(mm.gradflow, cfg), "--resume")
@@ -722,12 +770,363 @@ def test_interrupt_stops_at_the_next_step():
         expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out)), "interrupted after step 1", "--resume")
     assert torch.load(os.path.join(out, "run0", "ckpt.pt"), weights_only=False)["step"] == 1
     with tiny_cifar() as croot:
-        cfg = mm.GradflowConfig(data_dir=croot, out=tmpdir(), depth=8, epochs=2, batch_size=4, val_size=4,
-                                device="cpu")
+        cfg = tiny_gradflow_cfg(croot, tmpdir())
         with patched(mm, StopFlag=Pressed):
             expect_error(lambda: quiet(mm.gradflow, cfg), "interrupted in epoch 1", "no checkpoint yet",
                          "repeats epoch 1")
         assert not any("ckpt.pt" in f for _, _, fs in os.walk(cfg.out) for f in fs)  # no half-epoch checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# The run skeleton: a resumed run follows the schedule it started with, and every record tells the truth
+
+@contextlib.contextmanager
+def counting_steps(optimizer_class):
+    """Counts calls of optimizer_class.step: the optimisation steps a run really takes."""
+    counter = [0]
+    original = optimizer_class.step
+
+    def counted(self, *args, **kw):
+        counter[0] += 1
+        return original(self, *args, **kw)
+
+    with patched(optimizer_class, step=counted):
+        yield counter
+
+
+def flags_in(msg, field, old, new):
+    flag = "--" + field.replace("_", "-")
+    assert f"{flag} {old}" in msg and f"{flag} {new}" in msg, msg
+
+
+def test_classify_resume_refuses_another_schedule():
+    root, out = write_addnist(tmpdir()), tmpdir()
+    quiet(mm.classify, tiny_cfg(root, out, pause_at=3))
+    before = open(os.path.join(out, "run0", "ckpt.pt"), "rb").read()
+    for field, value in (("steps", 8), ("warmup", 3), ("lr", 0.5), ("batch_size", 16), ("arch", "8,M,8"),
+                         ("seed", 5), ("elastic", 0.0), ("train_on", "train+valid")):
+        msg = expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out, resume=True, **{field: value})),
+                           "resume with the values it was trained with")
+        flags_in(msg, field, getattr(tiny_cfg(root, out), field), value)
+    assert open(os.path.join(out, "run0", "ckpt.pt"), "rb").read() == before  # refusals leave it untouched
+    _, log = quiet(mm.classify, tiny_cfg(root, out, resume=True, log_every=1, eval_every=2))  # free to change
+    assert "resuming seed 0 from step 3" in log
+
+
+def test_gradflow_resume_refuses_other_epochs():
+    with tiny_cifar() as root:  # the reported case: an unfinished 2-epoch run resumed with --epochs 1
+        out = tmpdir()
+        assert quiet(mm.gradflow, tiny_gradflow_cfg(root, out, pause_at=1))[0] is None
+        msg = expect_error(lambda: quiet(mm.gradflow, tiny_gradflow_cfg(root, out, resume=True, epochs=1)), "--epochs")
+        flags_in(msg, "epochs", 2, 1)
+        rows, _ = quiet(mm.gradflow, tiny_gradflow_cfg(root, out, resume=True))
+        m = json.load(open(os.path.join(out, "VGG_08", "seed0", "metrics.json")))
+        assert m["curves"]["epoch"] == [1, 2] and m["epochs"] == 2 and rows[0]["epochs"] == 2
+
+
+def test_generate_resume_refuses_another_schedule():
+    with tiny_cifar() as root:
+        out = tmpdir()
+        quiet(mm.generate, tiny_gen_cfg(root, out, pause_at=3))
+        for field, value in (("lr", 0.5), ("warmup", 1), ("batch_size", 4), ("p_uncond", 0.5)):
+            msg = expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, out, resume=True, **{field: value})),
+                               "resume with the values")
+            flags_in(msg, field, getattr(tiny_gen_cfg(root, out), field), value)
+
+
+def test_pause_at_or_before_the_checkpoint_is_refused_and_steps_are_counted():
+    root, out = write_addnist(tmpdir()), tmpdir()
+    with counting_steps(torch.optim.AdamW) as taken:
+        quiet(mm.classify, tiny_cfg(root, out, steps=8, pause_at=4))
+        for pause in (4, 2):  # at or below the checkpoint's step 4: refused (it would rewrite the counter)
+            expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out, steps=8, pause_at=pause, resume=True)),
+                         f"--pause-at {pause}", "step 4")
+        assert torch.load(os.path.join(out, "run0", "ckpt.pt"), weights_only=True)["step"] == 4
+        m, _ = quiet(mm.classify, tiny_cfg(root, out, steps=8, resume=True))
+    assert taken[0] == 8 and m["steps"] == 8 and m["per_run"][0]["steps"] == 8  # the record is what was trained
+    assert m["per_run"][0]["curves"]["step"] == [3, 6, 8]
+    with tiny_cifar() as croot, counting_steps(torch.optim.Adam) as taken:
+        out = tmpdir()
+        quiet(mm.generate, tiny_gen_cfg(croot, out, pause_at=3))
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(croot, out, pause_at=2, resume=True)), "--pause-at 2")
+        g, _ = quiet(mm.generate, tiny_gen_cfg(croot, out, resume=True))
+    assert taken[0] == 6 and g["steps"] == 6 and g["loss_curve"]["step"] == [3, 6]
+
+
+def test_a_refused_resume_rewrites_no_record():
+    root, out = write_addnist(tmpdir()), tmpdir()
+    quiet(mm.classify, tiny_cfg(root, out))
+    records = {name: open(os.path.join(out, name), "rb").read() for name in ("config.json", "metrics.json")}
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out, resume=True, steps=60, lr=0.5)), "--steps 6")
+    for name, content in records.items():
+        assert open(os.path.join(out, name), "rb").read() == content, name
+    with tiny_cifar() as croot:
+        out = tmpdir()
+        quiet(mm.gradflow, tiny_gradflow_cfg(croot, out, epochs=1))
+        record = open(os.path.join(out, "config.json"), "rb").read()
+        expect_error(lambda: quiet(mm.gradflow, tiny_gradflow_cfg(croot, out, epochs=5, resume=True)), "--epochs 1")
+        assert open(os.path.join(out, "config.json"), "rb").read() == record
+
+
+def test_sample_only_reports_the_checkpoint_it_sampled():
+    with tiny_cifar() as root:
+        out = tmpdir()
+        quiet(mm.generate, tiny_gen_cfg(root, out, pause_at=4))
+        n_params = mm.count_params(mm.make_unet(tiny_gen_cfg(root, out)))
+        # The flags' defaults (50,000 steps, the full-size widths) are not what the checkpoint holds.
+        m, log = quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), sample_only=True, steps=50_000, widths="32,64,80",
+                                                 ckpt=os.path.join(out, "ckpt.pt")))
+    assert m["steps"] == 4 and m["params"] == n_params and "steps 50,000" not in log, log
+    assert m["config"]["widths"] == "8,16,16" and m["config"]["steps"] == 6
+
+
+def test_p_uncond_drops_labels_at_its_rate():
+    seen = []
+
+    class Recorder:  # stands in for the U-Net: records the labels edm_loss embeds, denoises nothing
+        n_classes = 100
+
+        def class_embed(self, labels):
+            seen.append(labels)
+            return torch.zeros(len(labels), 4)
+
+        def __call__(self, x, sigma, emb):
+            return x
+
+    labels = torch.randint(0, 100, (20_000,), generator=torch.Generator().manual_seed(0))
+    x = torch.zeros(len(labels), 3, 1, 1)
+    for rate in (0.0, 0.1, 0.5, 1.0):
+        torch.manual_seed(1)
+        mm.edm_loss(Recorder(), x, labels, tiny_gen_cfg("", "", p_uncond=rate))
+        dropped = seen[-1] == 100
+        assert abs(dropped.float().mean().item() - rate) < 0.015, (rate, dropped.float().mean())  # ~5 std
+        assert torch.equal(seen[-1][~dropped], labels[~dropped])  # the others keep their class
+
+
+# ---------------------------------------------------------------------------------------------
+# Misuse: every bad call gets one line on stderr, exit non-zero, and touches no file
+
+def snapshot(*folders):
+    """{path: (size, md5)} of every file under the folders (missing folders included as absent)."""
+    files = {}
+    for folder in folders:
+        for where, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(where, name)
+                files[path] = (os.path.getsize(path), hashlib.md5(open(path, "rb").read()).hexdigest())
+        files[folder] = os.path.exists(folder)
+    return files
+
+
+def run_script(script, *args):
+    env = dict(os.environ, MM_TEST_DEVICE=DEVICE)
+    if script == "mm.py":  # the tiny CIFAR archive has no official checksum; fid.py's cases check theirs
+        env["MM_TRUST_LOCAL"] = "1"
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True,
+                          timeout=300, env=env, stdin=subprocess.DEVNULL)
+
+
+def test_bad_invocations_get_one_line_and_touch_nothing():
+    addnist = write_addnist(tmpdir())
+    with tiny_cifar() as cifar:
+        finished, paused, finished_vgg = tmpdir(), tmpdir(), tmpdir()
+        quiet(mm.classify, tiny_cfg(addnist, finished))
+        quiet(mm.classify, tiny_cfg(addnist, paused, pause_at=4))
+        quiet(mm.gradflow, tiny_gradflow_cfg(cifar, finished_vgg, epochs=1))
+        gen = tmpdir()
+        quiet(mm.generate, tiny_gen_cfg(cifar, gen, steps=2))
+    real = open(os.path.join(finished, "run0", "ckpt.pt"), "rb").read()
+    broken = {}  # checkpoints that are not ones classify wrote
+    for kind, content in (("garbage", b"not a checkpoint" * 64), ("truncated", real[:len(real) // 2]),
+                          ("empty", b""), ("other-command", open(os.path.join(gen, "ckpt.pt"), "rb").read())):
+        broken[kind] = tmpdir()
+        os.makedirs(os.path.join(broken[kind], "run0"))
+        with open(os.path.join(broken[kind], "run0", "ckpt.pt"), "wb") as f:
+            f.write(content)
+    a_file = os.path.join(tmpdir(), "a_file")
+    open(a_file, "w").close()
+    fresh = os.path.join(tmpdir(), "fresh")  # must still not exist afterwards
+    stats = os.path.join(tmpdir(), "stats64.npz")
+    np.savez(stats, mu=np.zeros(64), sigma=np.eye(64))
+    images = os.path.join(tmpdir(), "images.npy")
+    np.save(images, np.zeros((4, 3, 8, 8), np.uint8))
+    not_png = tmpdir()
+    open(os.path.join(not_png, "a.png"), "w").write("this is text")
+    weights = os.path.join(tmpdir(), "my.pth")
+    open(weights, "wb").write(b"\0" * 100)
+    c, g, v = ["classify", "--data-dir", addnist], ["generate", "--data-dir", cifar], ["gradflow", "--data-dir", cifar]
+    mm_cases = [
+        (c + ["--out", fresh, "--pause-at", "-3"], "--pause-at"), (c + ["--out", fresh, "--lr", "-1"], "--lr"),
+        (c + ["--out", fresh, "--eval-train", "0"], "--eval-train"),
+        (c + ["--out", fresh, "--eval-train", "-5"], "--eval-train"), (c + ["--out", fresh, "--shift", "-2"], "--shift"),
+        (c + ["--out", fresh, "--arch", "M,M,M,M,M,M"], "--arch"), (c + ["--out", fresh, "--dropout", "2"], "--dropout"),
+        (c + ["--out", fresh, "--ema", "1.5"], "--ema"), (c + ["--out", fresh, "--ema", "-0.5"], "--ema"),
+        (c + ["--out", fresh, "--warmup", "-10"], "--warmup"), (c + ["--out", fresh, "--zoom", "5"], "--zoom"),
+        (g + ["--out", fresh, "--widths", "0,0,0"], "--widths"), (g + ["--out", fresh, "--widths", "a,b,c"], "--widths"),
+        (g + ["--out", fresh, "--blocks", "0"], "--blocks"), (g + ["--out", fresh, "--emb-dim", "0"], "--emb-dim"),
+        (g + ["--out", fresh, "--p-uncond", "5"], "--p-uncond"), (g + ["--out", fresh, "--sigma-data", "0"], "--sigma-data"),
+        (g + ["--out", fresh, "--fid-samples", "0"], "--fid-samples"), (g + ["--out", fresh, "--dropout", "2"], "--dropout"),
+        (c + ["--out", fresh, "--resume"], "holds no checkpoint"),
+        *((c + ["--out", folder, "--resume", "--arch", "8,M,16", "--steps", "6", "--batch-size", "8", "--warmup", "2",
+                "--eval-train", "32"], "not a checkpoint") for folder in broken.values()),
+        (g + ["--out", fresh, "--sample-only", "--ckpt", os.path.join(broken["garbage"], "run0", "ckpt.pt")],
+         "not a checkpoint"),
+        (c + ["--out", "/proc/mm-test-out"], "cannot write"), (c + ["--out", os.path.join(a_file, "sub")], "cannot write"),
+        (["classify", "--data-dir", a_file, "--out", fresh], "is a file"),
+        (c + ["--out", paused, "--resume", "--pause-at", "2", "--arch", "8,M,16", "--steps", "6", "--batch-size", "8",
+              "--warmup", "2", "--eval-train", "32"], "--pause-at 2"),
+        (c + ["--out", finished, "--resume", "--steps", "60"], "--steps"),
+        (v + ["--out", finished_vgg, "--resume", "--depth", "8", "--batch-size", "4", "--val-size", "4", "--epochs", "5"],
+         "--epochs"),
+    ]
+    fid_cases = [
+        ([images, images, "--batch-size", "-1"], "--batch-size"), ([images, images, "--batch-size", "0"], "--batch-size"),
+        ([images, images, "--weights", weights], "left as it is"), ([not_png, images], "not a readable image"),
+        ([stats, images], "--dims"), ([images, "--save-stats", os.path.join(fresh, "s.npz")], "does not exist"),
+        ([images, images, "--dims", "7"], "--dims"),
+    ]
+    watched = [addnist, cifar, finished, paused, finished_vgg, fresh, weights, not_png, *broken.values()]
+    before = snapshot(*watched)
+    jobs = [("mm.py", args, needle) for args, needle in mm_cases] + [("fid.py", a, n) for a, n in fid_cases]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # subprocesses: 4 at a time
+        results = list(pool.map(lambda job: run_script(job[0], *job[1]), jobs))
+    for (script, args, needle), r in zip(jobs, results):
+        lines = r.stderr.strip().splitlines()
+        where = f"{script} {' '.join(args)}: {r.stderr!r}"
+        assert r.returncode != 0 and "Traceback" not in r.stderr, where
+        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], where
+    after = snapshot(*watched)
+    changed = sorted(set(before.items()) ^ set(after.items()))
+    assert not changed and os.path.exists(weights), changed  # nothing created, changed or renamed
+
+
+def test_second_ctrl_c_says_which_checkpoint_is_kept():
+    def pressed_twice(cfg):
+        mm.save_checkpoint(os.path.join(out, "ckpt.pt"), {"step": 40})
+        raise KeyboardInterrupt
+
+    out = tmpdir()
+    with patched(mm, COMMANDS={**mm.COMMANDS, "classify": (mm.ClassifyConfig, pressed_twice, "")}):
+        try:
+            mm.main(["classify"])
+            raise AssertionError("main() returned after an abort")
+        except SystemExit as e:
+            msg = str(e.code)
+    assert msg.startswith("error: aborted") and "ckpt.pt (after 40)" in msg and "\n" not in msg, msg
+
+
+def test_missing_data_folder_is_announced_and_a_file_refused():
+    with http_server({"/f.bin": (200, b"payload", None)}) as (url, _):
+        dest = os.path.join(tmpdir(), "not", "there", "f.bin")
+        _, err = quiet(data.download, url + "/f.bin", dest, quiet=True)
+    assert "did not exist" in err and open(dest, "rb").read() == b"payload"
+    a_file = os.path.join(tmpdir(), "f")
+    open(a_file, "w").close()
+    expect_error(lambda: data.data_root(a_file), "is a file")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU readiness, proven on the CPU: device mix-ups (meta device), mixed precision (CPU bf16), a static scan
+
+def one_step_of_each(hw):
+    """One training step of each command, a guided sampler step and a TTA evaluation on hw -> {name: output}."""
+    dev, out = hw.device, {}
+    torch.manual_seed(0)
+    c = tiny_cfg("", "")
+    model = mm.make_classifier(c).to(dev, memory_format=torch.channels_last)
+    ema = copy.deepcopy(model)
+    opt, scaler = torch.optim.AdamW(model.parameters()), mm.grad_scaler(hw)
+    x, y = torch.randn(8, 3, 28, 28, device=dev), torch.randint(0, 20, (8,), device=dev)
+    idx = mm.EpochSampler(8, 4, 0, dev)(0)
+    with mm.autocast(hw):
+        logits = model(mm.augment_digits(x[idx], c, -0.42, 0.5))
+    out["classify"] = F.cross_entropy(logits.float(), y[idx])
+    scaler.scale(out["classify"]).backward()
+    scaler.step(opt)
+    scaler.update()
+    mm.ema_update(ema, model, mm.ema_decay(c.ema, 0))
+    out["classify_tta"] = mm.score_batches(ema, x, y, tta=True)[0]
+    g = tiny_gen_cfg("", "")
+    net = mm.make_unet(g).to(dev, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters())
+    xg, yg = torch.randn(4, 3, 32, 32, device=dev), torch.randint(0, 100, (4,), device=dev)
+    with mm.autocast(hw):
+        out["generate"] = mm.edm_loss(net, xg, yg, g)
+    scaler.scale(out["generate"]).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    scaler.step(opt)
+    emb = net.class_embed(yg[:2])
+    out["sampler"] = mm.edm_heun_sampler(net.eval(), torch.randn(2, 3, 32, 32, device=dev), emb, 2, 2.0, hw)
+    vgg = mm.VGG(8, bn=True, residual=True).to(dev, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(vgg.parameters())
+    with mm.autocast(hw):
+        scores = vgg(mm.crop_flip(torch.randn(4, 3, 32, 32, device=dev)))
+    out["gradflow"] = F.cross_entropy(scores.float(), yg)
+    scaler.scale(out["gradflow"]).backward()
+    scaler.step(opt)
+    return out
+
+
+def test_steps_stay_on_the_device():
+    # Every tensor lives on the meta device: one made on the CPU by mistake meets it and raises.
+    out = one_step_of_each(mm.Hardware(torch.device("meta"), "fp32"))
+    assert all(v.device.type == "meta" for v in out.values()), {k: v.device for k, v in out.items()}
+
+
+def test_steps_under_cpu_bf16_autocast_keep_float32_losses():
+    out = one_step_of_each(mm.Hardware(torch.device("cpu"), "bf16"))
+    for name in ("classify", "generate", "gradflow"):
+        assert out[name].dtype == torch.float32 and torch.isfinite(out[name]), (name, out[name])
+    assert out["classify_tta"].dtype == torch.float64 and out["sampler"].dtype == torch.float32
+    assert torch.isfinite(out["sampler"]).all()
+
+
+def test_loops_have_no_per_step_sync_and_loads_stay_on_cpu():
+    import ast
+    for path in ("mm.py", "fid.py"):
+        for node in ast.walk(ast.parse(open(os.path.join(HERE, path)).read())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                assert kw.get("map_location") == "'cpu'", f"{path}:{node.lineno} torch.load without map_location='cpu'"
+    tree = ast.parse(open(os.path.join(HERE, "mm.py")).read())
+    step_loops = [n for n in ast.walk(tree) if isinstance(n, ast.For)
+                  and any("seed_step(" in ast.unparse(s) for s in n.body[:2])]  # loops that seed each step
+    assert len(step_loops) == 3, len(step_loops)
+
+    def check(node, guarded):  # a sync or a tensor from Python data is allowed only under an `if` (log/eval steps)
+        for child in ast.iter_child_nodes(node):
+            text = ast.unparse(child) if isinstance(child, ast.Call) else ""
+            if text.startswith(("torch.tensor(", "torch.as_tensor(", "torch.from_numpy(")):
+                raise AssertionError(f"mm.py:{child.lineno} makes a tensor from Python data inside a step loop")
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute) and not guarded:
+                assert child.func.attr not in ("item", "tolist", "cpu", "numpy"), f"mm.py:{child.lineno} syncs every step"
+            check(child, guarded or isinstance(child, ast.If))
+
+    for loop in step_loops:
+        check(loop, False)
+
+
+def test_foreach_ema_equals_the_per_tensor_update():
+    torch.manual_seed(0)
+    model, ema = mm.VGG(8, bn=True), mm.VGG(8, bn=True)
+    model(torch.randn(4, 3, 32, 32))  # moves BN statistics and its integer counter
+    reference = {k: v.clone() for k, v in ema.state_dict().items()}
+    for k, m in model.state_dict().items():
+        reference[k] = reference[k].lerp(m, 1 - 0.9) if m.dtype.is_floating_point else m.clone()
+    mm.ema_update(ema, model, 0.9)
+    for k, v in ema.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+
+
+def test_precision_is_picked_per_device():
+    out = lambda **kw: quiet(mm.pick_hardware, mm.ClassifyConfig(**kw))[0]
+    assert out(device="cpu") == mm.Hardware(torch.device("cpu"), "fp32")  # bf16 convolutions are slow on a CPU
+    assert out(device="cpu", precision="bf16").precision == "bf16"
+    if not torch.cuda.is_available():
+        expect_error(lambda: quiet(mm.pick_hardware, mm.ClassifyConfig(device="cuda")), "no CUDA GPU")
+    assert mm.grad_scaler(mm.Hardware(torch.device("cpu"), "fp16")).is_enabled()
+    assert not mm.grad_scaler(mm.Hardware(torch.device("cpu"), "bf16")).is_enabled()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -853,7 +1252,7 @@ def test_fid_api_stats_cache_and_bad_inputs():
         np.savez(os.path.join(cache, name), mu=mu_b, sigma=np.eye(64), key="something else")
     expect_error(lambda: fid.reference_stats(imgs_a, {"dataset": "toy", "split": "test"}, net, cache, dims=64),
                  "other inputs")
-    d, _ = quiet(fid.fid, imgs_a, imgs_a, net, dims=64)
+    d, _ = quiet(fid.fid_between, imgs_a, imgs_a, net, dims=64)
     assert abs(d) < 1e-6
     # The image loaders: folders, arrays, stats files, and their one-line errors.
     folder = tmpdir()
@@ -939,8 +1338,15 @@ def test_clean_resize_keeps_constant_images():
 # ---------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
+    args = sys.argv[1:]
+    if "--device" in args:  # python test_mm.py --device cuda [names...]
+        at = args.index("--device")
+        DEVICE = os.environ["MM_TEST_DEVICE"] = args[at + 1]  # subprocesses of the tests inherit it
+        HW = mm.Hardware(torch.device(DEVICE), "fp32")
+        del args[at:at + 2]
+    print(f"device-dependent tests run on {DEVICE}")
     tests = [(n, f) for n, f in list(globals().items()) if n.startswith("test_") and callable(f)]
-    only = sys.argv[1:]
+    only = args
     passed = failed = skipped = 0
     t_all = time.time()
     for name, fn in tests:
