@@ -2,6 +2,7 @@
 
     python fid.py A B                     # FID between two image sets (or saved statistics)
     python fid.py A --save-stats A.npz    # save mu/sigma of A for later comparisons
+    python fid.py A B --all               # the panel: FID, clean FID, KID, precision/recall, density/coverage
     python fid.py --help
 
 A and B may each be a folder of images, an .npz/.npy of uint8 images ((N,3,H,W) or (N,H,W,3); an .npz
@@ -238,7 +239,8 @@ def clean_resize(batch):
     for i, img in enumerate(batch.numpy()):
         for c in range(3):
             ch = Image.fromarray(img[c].astype(np.float32), mode="F")
-            out[i, c] = np.asarray(ch.resize((299, 299), resample=Image.BICUBIC)) / 255.0
+            resized = np.asarray(ch.resize((299, 299), resample=Image.BICUBIC))
+            out[i, c] = resized.clip(0, 255) / 255.0  # bicubic overshoots at edges; clean-fid clips it back
     return torch.from_numpy(out)
 
 
@@ -334,6 +336,134 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
                          f"complex; are these real covariance matrices?")
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond FID, from the same features: KID, precision / recall, density / coverage, and copying
+
+def kid(feats_a, feats_b, subsets=100, subset_size=1000, seed=2020):
+    """Kernel Inception Distance (Bińkowski et al. 2018, "Demystifying MMD GANs") -> (mean, std).
+
+    The unbiased estimate of MMD² with the cubic polynomial kernel k(x, y) = (x·y / d + 1)³, averaged over
+    `subsets` random subsets of `subset_size` rows of each set (fewer if a set is smaller). Subsets are
+    drawn exactly as torch-fidelity draws them (np.random.RandomState(seed); a's rows, then b's, without
+    replacement; std with ddof 0), so with its defaults the two agree to float64 rounding.
+    """
+    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    m = min(subset_size, len(a), len(b))
+    if m < 2:
+        raise UserError(f"KID needs at least 2 feature rows per set, got {len(a)} and {len(b)}")
+    rng = np.random.RandomState(seed)
+    kernel = lambda x, y: (x @ y.T / a.shape[1] + 1) ** 3  # (m, m)
+    values = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
+        within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))  # i != j only
+        values.append(within - 2 * k_xy.sum() / (m * m))
+    return float(np.mean(values)), float(np.std(values))
+
+
+def pairwise_distances(x, y):
+    """Euclidean distances (len(x), len(y)) in float64 via |x|² - 2 x·y + |y|², as scikit-learn computes
+    them (float64 keeps the cancellation harmless for pixel vectors as well as for features)."""
+    squared = (x * x).sum(1)[:, None] - 2 * x @ y.T + (y * y).sum(1)[None, :]
+    return squared.clamp_(min=0).sqrt_()
+
+
+def kth_neighbour_radii(feats, k, chunk=1000):
+    """Distance from each row to its k-th nearest other row (the row itself, at 0, is not counted)."""
+    radii = torch.empty(len(feats), dtype=torch.float64, device=feats.device)
+    for i in range(0, len(feats), chunk):  # (chunk, N) at a time: 10k x 10k never sits in memory at once
+        radii[i:i + chunk] = pairwise_distances(feats[i:i + chunk], feats).kthvalue(k + 1, dim=1).values
+    return radii
+
+
+def prdc(real_features, fake_features, nearest_k, chunk=1000, device="cpu"):
+    """Precision and recall (Kynkäänniemi et al. 2019) and density and coverage (Naeem et al. 2020).
+
+    Each real point owns a ball reaching its k-th nearest real neighbour, and each fake point one reaching
+    its k-th nearest fake neighbour. precision: fakes inside some real ball (realism); recall: reals inside
+    some fake ball (diversity); density: real balls holding each fake, averaged and divided by k (realism,
+    robust to outliers); coverage: real balls holding at least one fake (diversity, robust to outliers).
+    The same comparisons (strict <) as the reference `prdc` package's compute_prdc, over chunks of real rows.
+    """
+    real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64, device=device)
+    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64, device=device)
+    if min(len(real), len(fake)) <= nearest_k:
+        raise UserError(f"precision/recall with k = {nearest_k} needs more than {nearest_k} rows per set")
+    real_radii, fake_radii = kth_neighbour_radii(real, nearest_k, chunk), kth_neighbour_radii(fake, nearest_k, chunk)
+    balls_holding_fake = torch.zeros(len(fake), dtype=torch.int64, device=device)  # real balls around each fake
+    real_in_fake_ball = torch.zeros(len(real), dtype=torch.bool, device=device)
+    real_ball_covered = torch.zeros(len(real), dtype=torch.bool, device=device)
+    for i in range(0, len(real), chunk):
+        d = pairwise_distances(real[i:i + chunk], fake)  # (chunk, n_fake)
+        balls_holding_fake += (d < real_radii[i:i + chunk, None]).sum(0)
+        real_in_fake_ball[i:i + chunk] = (d < fake_radii[None, :]).any(1)
+        real_ball_covered[i:i + chunk] = d.min(1).values < real_radii[i:i + chunk]
+    return {"precision": (balls_holding_fake > 0).double().mean().item(),
+            "recall": real_in_fake_ball.double().mean().item(),
+            "density": balls_holding_fake.double().mean().item() / nearest_k,
+            "coverage": real_ball_covered.double().mean().item()}
+
+
+def nearest_distances(queries, references, chunk=1000, device="cpu"):
+    """Distance from each query row to its nearest reference row (float64, chunked) -> numpy (len(queries),)."""
+    rows = lambda a: (a if torch.is_tensor(a) else torch.from_numpy(np.asarray(a))).to(device, torch.float64).flatten(1)
+    refs = rows(references)  # (M, D)
+    out = []
+    for i in range(0, len(queries), chunk):
+        q = rows(queries[i:i + chunk])  # (chunk, D)
+        out.append(pairwise_distances(q, refs).min(1).values.cpu())
+    return torch.cat(out).numpy()
+
+
+def copy_rate(sample_to_train, test_to_train, percentile=1.0):
+    """How much closer samples sit to their nearest training image than real unseen images do.
+
+    The test images are unique by construction, so the `percentile`-th percentile of their distances to
+    the training set marks "closer than a real new image ever is": the fraction of samples below it is a
+    copy rate (about percentile/100 for a model that copies nothing), and the ratio of medians says how
+    close samples sit in general (about 1 for a model whose samples are as new as real images).
+    """
+    threshold = float(np.percentile(test_to_train, percentile))
+    return {"copy_rate": float(np.mean(np.asarray(sample_to_train) < threshold)), "threshold": threshold,
+            "median_ratio": float(np.median(sample_to_train) / np.median(test_to_train))}
+
+
+# What each number of the panel measures, printed beside it (realism, diversity, uniqueness).
+PANEL_MEANING = {
+    "fid": "realism and diversity: Fréchet distance of Inception features (pytorch-fid protocol), lower is better",
+    "clean_fid": "the same with clean-fid's resize (PIL bicubic), for comparing with clean-fid numbers",
+    "kid_mean": "realism and diversity: unbiased MMD² of Inception features (x 1e3 is usual), lower is better",
+    "precision": "realism: share of samples inside the real data's manifold (k = 3), higher is better",
+    "recall": "diversity: share of real images inside the samples' manifold (k = 3), higher is better",
+    "density": "realism: real neighbourhoods around each sample / k (k = 5), about 1 for real data",
+    "coverage": "diversity: share of real neighbourhoods holding a sample (k = 5), mode collapse lowers it",
+    "pixel_copy_rate": "uniqueness: samples nearer a training image (pixels) than 99 % of test images are",
+    "inception_copy_rate": "uniqueness: the same in Inception features",
+}
+
+
+def quality_panel(real, fake, real_clean=None, fake_clean=None, device="cpu"):
+    """FID, KID, precision / recall (k = 3), density / coverage (k = 5) of fake against real features;
+    clean_fid too when the clean-resize features are given."""
+    panel = {"fid": frechet_distance(*feature_stats(fake), *feature_stats(real))}
+    if real_clean is not None:
+        panel["clean_fid"] = frechet_distance(*feature_stats(fake_clean), *feature_stats(real_clean))
+    panel["kid_mean"], panel["kid_std"] = kid(fake, real)
+    panel.update({k: v for k, v in prdc(real, fake, 3, device=device).items() if k in ("precision", "recall")})
+    panel.update({k: v for k, v in prdc(real, fake, 5, device=device).items() if k in ("density", "coverage")})
+    return panel
+
+
+def print_panel(panel):
+    """One line per metric: its value and what it measures."""
+    for key, meaning in PANEL_MEANING.items():
+        if panel.get(key) is not None:
+            value = f"{panel[key]:.4g}" + (f" ± {panel['kid_std']:.2g}" if key == "kid_mean" else "")
+            print(f"{key:>20}  {value:<18} {meaning}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,6 +586,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=200, help="images per forward pass, >= 1 (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: %(default)s")
     p.add_argument("--clean", action="store_true", help="clean-fid's resize (PIL bicubic) instead of bilinear")
+    p.add_argument("--all", action="store_true", help="the whole panel (FID, clean FID, KID, precision, recall, "
+                                                      "density, coverage) of B against A as the real set; needs images")
     p.add_argument("--data-dir", default=None, help="cache root for the weights (default $MM_DATA or ./data)")
     p.add_argument("--weights", default=None, help="a local copy of pt_inception-2015-12-05-6726825d.pth (checked, "
                                                    "never moved)")
@@ -470,8 +602,15 @@ def main():
         device = "cuda" if a.device != "cpu" and torch.cuda.is_available() else "cpu"
         sources = [load_images(path) for path in (a.a, a.b) if path]  # bad inputs fail before any download
         check_inputs(sources, a.dims, a.save_stats)
+        if a.all and (a.save_stats or any(isinstance(src, tuple) for src in sources)):
+            raise UserError("--all needs two image sets (A real, B generated), not statistics or --save-stats")
         needs_net = any(not isinstance(src, tuple) for src in sources)
         model = load_inception(device, a.data_dir, a.weights) if needs_net else None
+        if a.all:
+            real, fake = (inception_features(src, model, a.dims, a.batch_size) for src in sources)
+            real_clean, fake_clean = (inception_features(src, model, a.dims, a.batch_size, clean=True) for src in sources)
+            print_panel(quality_panel(real, fake, real_clean, fake_clean, device))
+            return
         stats = [stats_of(src, model, a.dims, a.batch_size, a.clean) for src in sources]
         if a.save_stats:
             np.savez(a.save_stats, mu=stats[0][0], sigma=stats[0][1])

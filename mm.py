@@ -752,7 +752,7 @@ def classify(cfg):
                   "train acc %": f"{100 * r['train_acc']:.2f}", "test acc %": f"{100 * r['test_acc']:.2f}",
                   "time": fmt_time(r["seconds"])} for i, r in enumerate(results)])
     metrics = {"params": n_params, "steps": results[0]["steps"], "runs": len(results), "device": str(hw.device),
-               "precision": hw.precision, "config": asdict(cfg)}
+               "mixed_precision": hw.precision, "config": asdict(cfg)}
     for key in ("train_loss", "train_acc", "test_acc", "test_loss", "test_acc_single_view"):
         metrics[f"{key}_mean"], metrics[f"{key}_std"] = mean_std([r[key] for r in results])
     metrics["per_run"] = results
@@ -1105,7 +1105,7 @@ def nearest_neighbours(samples, train_u8, k=3, sample_feats=None, train_feats=No
     order = d.argsort(1)[:, :k]
     result = {"pixel_l2": d.gather(1, order).tolist(), "pixel_index": idx.gather(1, order).tolist()}
     if sample_feats is not None:
-        fs, ft = torch.from_numpy(sample_feats), torch.from_numpy(train_feats)
+        fs, ft = (torch.from_numpy(np.asarray(f, np.float64)) for f in (sample_feats, train_feats))
         dd, ii = torch.cdist(fs, ft, compute_mode="donot_use_mm_for_euclid_dist").topk(k, dim=1, largest=False)
         result.update(inception_l2=dd.tolist(), inception_index=ii.tolist())
     return result
@@ -1126,26 +1126,40 @@ def write_samples_and_figures(cfg, ema, hw):
 
 
 def score_samples(cfg, images, x_train, hw, metrics):
-    """FID against the test split, and the nearest training images of the first 8 samples (neighbours.png).
-    Without the Inception weights (offline), FID is null with the reason, and neighbours use pixels only."""
-    inception, sample_feats, train_feats = None, None, None
+    """The quality panel against the test split (fid.quality_panel: realism, diversity), copy rates against
+    the training set (uniqueness), and neighbours.png. Without the Inception weights (offline), the
+    feature-based numbers are null with the reason; the pixel copy rate needs no network."""
+    x_test, _ = data.load_test("cifar100", cfg.data_dir or None)  # the test split is used for scoring only
+    sample_px = fid.nearest_distances(images, x_train, device=hw.device)  # (N,) pixel L2 to the nearest train image
+    test_px = fid.nearest_distances(x_test, x_train, device=hw.device)
+    metrics["pixel_copy"] = fid.copy_rate(sample_px, test_px)
+    metrics["pixel_copy_rate"] = metrics["pixel_copy"]["copy_rate"]
+    sample_feats, train_feats = None, None
     try:
         inception = fid.load_inception(hw.device, cfg.data_dir or None)
     except UserError as e:
         metrics["fid"], metrics["fid_unavailable"] = None, str(e)
-        print(f"FID skipped: {e}")
-    cache = data.data_root(cfg.data_dir or None)
-    if inception is not None:
-        x_test, _ = data.load_test("cifar100", cfg.data_dir or None)  # the test split is used for FID only
-        ref = fid.reference_stats(x_test, {"dataset": "cifar100", "split": "test"}, inception, cache)
-        metrics["fid"] = fid.frechet_distance(*fid.stats_of(images, inception), *ref)
+        print(f"FID and the feature panel skipped: {e}")
+    else:
+        cache, test_key = data.data_root(cfg.data_dir or None), {"dataset": "cifar100", "split": "test"}
+        test_feats = fid.cached_features(x_test, test_key, inception, cache)
+        test_clean = fid.cached_features(x_test, test_key, inception, cache, clean=True)
+        sample_feats = fid.inception_features(images, inception)
+        sample_clean = fid.inception_features(images, inception, clean=True)
+        metrics.update(fid.quality_panel(test_feats, sample_feats, test_clean, sample_clean, hw.device))
         metrics["fid_protocol"] = "pytorch-fid (Inception pool3, bilinear 299), samples vs the CIFAR-100 test split"
-        sample_feats = fid.inception_features(images[:8], inception, quiet=True)
         train_feats = fid.cached_features(x_train.cpu(), {"dataset": "cifar100", "split": "train"}, inception, cache)
-    shown = images[:8]
-    found = nearest_neighbours(shown.to(hw.device), x_train, 3, sample_feats, train_feats)
-    metrics["neighbours"] = found
-    rows = [torch.stack([shown[i]] + [x_train[j].cpu() for j in found["pixel_index"][i]]) for i in range(len(shown))]
+        metrics["inception_copy"] = fid.copy_rate(fid.nearest_distances(sample_feats, train_feats, device=hw.device),
+                                                  fid.nearest_distances(test_feats, train_feats, device=hw.device))
+        metrics["inception_copy_rate"] = metrics["inception_copy"]["copy_rate"]
+    # neighbours.png: the first 8 samples, then the 8 nearest to a training image, so a copy cannot hide
+    closest = [int(i) for i in np.argsort(sample_px)[:8]]
+    shown = list(range(min(8, len(images)))) + closest
+    found = nearest_neighbours(images[shown].to(hw.device), x_train, 3,
+                               None if sample_feats is None else sample_feats[shown], train_feats)
+    metrics["neighbours"] = {"sample_index": shown, **found}
+    rows = [torch.stack([images[s]] + [x_train[j].cpu() for j in found["pixel_index"][row]])
+            for row, s in enumerate(shown)]
     save_grid(os.path.join(cfg.out, "neighbours.png"), torch.cat(rows), nrow=4)
 
 
@@ -1188,7 +1202,7 @@ def generate(cfg):
     metrics = {"params": n_params, "steps": trained.step, "sampler": "EDM Heun (Karras et al. 2022, Alg. 1)",
                "sampler_steps": cfg.sampler_steps, "nfe": nfe, "guidance": cfg.guidance, **sampled,
                "loss_curve": trained.curve, "train_seconds": trained.seconds, "checkpoint": ckpt_path,
-               "device": str(hw.device), "precision": hw.precision, "config": asdict(cfg)}
+               "device": str(hw.device), "mixed_precision": hw.precision, "config": asdict(cfg)}
     metrics_path = os.path.join(cfg.out, "metrics.json")
     save_json(metrics_path, metrics)  # written before scoring: the samples' record survives any failure there
     score_samples(cfg, images, x_train, hw, metrics)
@@ -1197,6 +1211,8 @@ def generate(cfg):
     fid_text = "null" if metrics["fid"] is None else f"{metrics['fid']:.2f}"
     print_table([{"params": f"{n_params:,}", "steps": f"{trained.step:,}", "sampler": f"Heun {cfg.sampler_steps}",
                   "NFE": nfe, "guidance": cfg.guidance, f"FID ({len(images):,} samples)": fid_text}])
+    print(f"\nquality panel ({len(images):,} samples; realism, diversity, uniqueness):")
+    fid.print_panel(metrics)
     print(f"wrote {cfg.out}/samples.png, interpolations.png, neighbours.png, samples.npz, config.json, metrics.json"
           + ("" if cfg.sample_only else f"; checkpoint {ckpt_path}"))
     return metrics
@@ -1466,7 +1482,7 @@ def gradflow(cfg):
                   "known": "{} / {}".format(*row["known_train_val"]) if row["known_train_val"] else "-"}
                  for row in rows])
     save_json(os.path.join(cfg.out, "metrics.json"), {"config": asdict(cfg), "device": str(hw.device),
-                                                      "precision": hw.precision, "table": rows})
+                                                      "mixed_precision": hw.precision, "table": rows})
     print(f"wrote {cfg.out}/config.json, metrics.json and, per run, gradflow.png, curves.png, metrics.json, ckpt.pt")
     return rows
 
@@ -1555,7 +1571,7 @@ def bench(cfg):
     print_table([{"command": command, "what": what, "ms each": f"{1000 * s:.1f}", "per second": f"{1 / s:,.1f}",
                   "count": f"{count:,}", "time for the count": fmt_time(s * count)}
                  for command, what, s, count in rows])
-    result = {"device": str(hw.device), "precision": hw.precision, "torch": torch.__version__,
+    result = {"device": str(hw.device), "mixed_precision": hw.precision, "torch": torch.__version__,
               "rows": [{"command": command, "what": what, "seconds_each": s, "count": count}
                        for command, what, s, count in rows]}
     save_json(os.path.join(cfg.out, "bench.json"), result)

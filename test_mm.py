@@ -588,9 +588,17 @@ def test_generate_writes_samples_and_grids():
     from PIL import Image
     assert Image.open(os.path.join(out, "samples.png")).size == (8 * 66 + 2,) * 2  # 64 slots of 32x2 + 2 px
     assert Image.open(os.path.join(out, "interpolations.png")).size == (10 * 66 + 2, 8 * 66 + 2)
-    assert Image.open(os.path.join(out, "neighbours.png")).size == (4 * 66 + 2, 8 * 66 + 2)
+    assert Image.open(os.path.join(out, "neighbours.png")).size == (4 * 66 + 2, 16 * 66 + 2)  # first 8, closest 8
     saved = json.load(open(os.path.join(out, "metrics.json")))
-    assert len(saved["neighbours"]["pixel_l2"]) == 8 and len(saved["neighbours"]["pixel_l2"][0]) == 3
+    assert len(saved["neighbours"]["pixel_l2"]) == 16 and len(saved["neighbours"]["pixel_l2"][0]) == 3
+    with tiny_cifar(root=tiny_trained_generator()["root"]) as root:
+        x_train = data.load_split("cifar100", "train", root)[0].astype(np.float64)
+    images = npz["images"].astype(np.float64)
+    to_train = np.sqrt(((images[:, None] - x_train[None]) ** 2).sum((2, 3, 4))).min(1)  # (64,) by brute force
+    nearest = np.array(saved["neighbours"]["pixel_l2"])[:, 0]
+    assert saved["neighbours"]["sample_index"][:8] == list(range(8))
+    assert np.allclose(nearest[8:], np.sort(to_train)[:8], rtol=1e-5)  # then the 8 closest to a training image
+    assert 0 <= saved["pixel_copy_rate"] <= 1 and saved["pixel_copy"]["median_ratio"] > 0
 
 
 def test_sample_only_reproduces_the_samples():
@@ -1333,6 +1341,109 @@ def test_clean_resize_keeps_constant_images():
     flat = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
     out = fid.clean_resize(flat)
     assert out.shape == (1, 3, 299, 299) and torch.allclose(out, torch.full_like(out, 128 / 255), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# fid.py: the quality panel (KID, precision/recall, density/coverage, copy rate) against closed forms
+# and constructed cases, and against the reference packages where they import
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 16)), rng.normal(size=(400, 16))
+    same, spread = fid.kid(a, b, subsets=20, subset_size=200)
+    assert abs(same) < 3 * spread + 1e-3, (same, spread)  # unbiased: zero in expectation for one distribution
+    shifted, _ = fid.kid(a, b + 0.5, subsets=20, subset_size=200)
+    # For k(x,y) = (x·y/d + 1)³ and a mean shift m, MMD² grows with |m|²: far above the same-distribution value.
+    assert shifted > 10 * max(abs(same), spread), (shifted, same)
+    x = rng.normal(size=(3, 4))  # one subset of all rows against itself: the unbiased estimate in closed form
+    k = (x @ x.T / 4 + 1) ** 3
+    within = 2 * (k.sum() - np.trace(k)) / 6
+    assert abs(fid.kid(x, x, subsets=1, subset_size=3)[0] - (within - 2 * k.sum() / 9)) < 1e-12
+
+
+def test_prdc_on_constructed_sets():
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(300, 8))
+    same = fid.prdc(real, real.copy(), 3)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0  # identical sets
+    far = fid.prdc(real, real + 100.0, 3)
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}  # a set moved far away
+    collapsed = real[rng.integers(0, 300, 300) % 5]  # every sample one of 5 real points: mode collapse
+    c = fid.prdc(real, collapsed, 3)
+    assert c["precision"] == 1.0 and c["recall"] < 0.1 and c["coverage"] < 0.1, c  # realistic, not diverse
+    chunked = fid.prdc(real, real + 0.3, 3, chunk=7)
+    assert chunked == fid.prdc(real, real + 0.3, 3, chunk=1000)  # chunking changes nothing
+
+
+def test_copy_rate_counts_an_exact_training_image():
+    rng = np.random.default_rng(2)
+    train = rng.integers(0, 256, (50, 3, 8, 8)).astype(np.uint8)
+    test = rng.integers(0, 256, (40, 3, 8, 8)).astype(np.uint8)  # new images: none is a training image
+    samples = rng.integers(0, 256, (20, 3, 8, 8)).astype(np.uint8)
+    samples[3], samples[7] = train[10], train[42]  # two exact copies
+    to_train = fid.nearest_distances(samples, train, chunk=6)
+    brute = np.sqrt(((samples[:, None].astype(float) - train[None].astype(float)) ** 2).sum((2, 3, 4))).min(1)
+    assert np.allclose(to_train, brute) and to_train[3] == 0 and to_train[7] == 0
+    panel = fid.copy_rate(to_train, fid.nearest_distances(test, train))
+    assert panel["copy_rate"] == 2 / 20 and 0.5 < panel["median_ratio"] < 2  # the copies, and only them
+
+
+def test_prdc_matches_the_reference_package():
+    try:
+        import prdc
+    except ImportError:
+        raise Skip("prdc (and scikit-learn) not importable") from None
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(size=(300, 64)).astype(np.float32), (rng.normal(size=(200, 64)) * 1.1 + 0.2).astype(np.float32)
+    for k in (3, 5):
+        ref, _ = quiet(prdc.compute_prdc, real, fake, k)
+        ours = fid.prdc(real, fake, k, chunk=97)
+        diff = max(abs(ours[key] - ref[key]) for key in ref)
+        assert diff < 1e-12, (ours, ref)
+    print(f"OK prdc vs the prdc package (maxdiff {diff:.1e})")
+
+
+def test_kid_matches_torch_fidelity():
+    try:
+        from torch_fidelity.metric_kid import kid_features_to_metric
+    except ImportError:
+        raise Skip("torch-fidelity (and torchvision) not importable") from None
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(300, 64)), rng.normal(size=(400, 64)) + 0.05
+    ref = kid_features_to_metric(torch.from_numpy(a), torch.from_numpy(b), kid_subsets=20, kid_subset_size=100)
+    mean, std = fid.kid(a, b, subsets=20, subset_size=100)
+    assert abs(mean / ref["kernel_inception_distance_mean"] - 1) < 1e-9
+    assert abs(std / ref["kernel_inception_distance_std"] - 1) < 1e-9
+
+
+def test_clean_resize_clips_like_clean_fid():
+    edge = np.zeros((1, 3, 32, 32), np.uint8)
+    edge[..., 16:] = 255  # a hard edge: bicubic overshoots below 0 and above 255 beside it
+    out = fid.clean_resize(torch.from_numpy(edge))
+    assert out.min() == 0.0 and out.max() == 1.0  # clipped back, as clean-fid does
+    try:
+        from cleanfid.resize import make_resizer
+    except ImportError:
+        raise Skip("clean-fid not importable (the clipping was checked)") from None
+    ref = make_resizer("PIL", False, "bicubic", (299, 299))(edge[0].transpose(1, 2, 0)).transpose(2, 0, 1) / 255.0
+    assert np.abs(out[0].numpy() - ref).max() < 1e-7
+
+
+def test_fid_cli_prints_the_whole_panel():
+    d = tmpdir()
+    rng = np.random.default_rng(5)
+    np.save(os.path.join(d, "a.npy"), rng.integers(0, 256, (12, 3, 16, 16), dtype=np.uint8))
+    np.save(os.path.join(d, "b.npy"), rng.integers(0, 256, (12, 3, 16, 16), dtype=np.uint8))
+    torch.manual_seed(0)
+    weights = os.path.join(d, "w.pth")
+    torch.save(fid.FIDInceptionV3().state_dict(), weights)  # random weights: the panel's plumbing, not its values
+    env = dict(os.environ, MM_TRUST_LOCAL="1")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "fid.py"), os.path.join(d, "a.npy"), os.path.join(d, "b.npy"),
+                        "--all", "--dims", "64", "--weights", weights], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    for key in ("fid", "clean_fid", "kid_mean", "precision", "recall", "density", "coverage"):
+        assert any(line.split()[:1] == [key] for line in r.stdout.splitlines()), (key, r.stdout)
+
 
 
 # ---------------------------------------------------------------------------------------------
