@@ -514,28 +514,41 @@ def stats_of(source, model, dims=2048, batch_size=200, clean=False):
     return feature_stats(inception_features(source, model, dims, batch_size, clean))
 
 
+def digest(array):
+    """Short md5 of an array's bytes: part of every cache key, so changed inputs never hit an old file."""
+    return hashlib.md5(np.ascontiguousarray(np.asarray(array)).tobytes()).hexdigest()[:12]
+
+
+def cached_array(key, cache_dir, compute):
+    """compute() -> numpy array, cached in cache_dir as an .npz named after `key` (a dict naming every
+    input); the key is stored inside too, and a file whose key differs from its name is refused."""
+    name = "cache_" + "_".join(f"{k}-{v}" for k, v in sorted(key.items())) + ".npz"
+    path = os.path.join(cache_dir, name)
+    if os.path.exists(path):
+        with np.load(path) as f:
+            if str(f["key"]) == repr(sorted(key.items())):
+                return f["array"]
+        raise UserError(f"{path} was made from other inputs than its name says; delete it")
+    array = compute()
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, array=array, key=repr(sorted(key.items())))
+    os.replace(tmp, path)
+    return array
+
+
 def cached_features(images, key, model, cache_dir, dims=2048, batch_size=200, clean=False):
     """Inception features (float32, as the network computes them) of a reference set, cached on disk.
 
     key is a dict naming the source (dataset, split). The image count, a digest of the image bytes, dims,
-    the resize protocol and the weights digest are added to the file name and stored inside it, so a
-    cache made from other inputs never matches. float32 loses nothing: the network's outputs are float32.
+    the resize protocol and the weights digest are added, so a cache made from other inputs never matches.
+    float32 loses nothing: the network's outputs are float32.
     """
     images = torch.as_tensor(images)
-    full = dict(key, n=len(images), images_md5=hashlib.md5(images.numpy().tobytes()).hexdigest()[:12],
-                dims=dims, resize="clean" if clean else "pytorch-fid", weights=WEIGHTS_SHA256[:12])
-    name = "fid_features_" + "_".join(f"{k}-{v}" for k, v in sorted(full.items())) + ".npz"
-    path = os.path.join(cache_dir, name)
-    if os.path.exists(path):
-        with np.load(path) as f:
-            if str(f["key"]) == repr(sorted(full.items())):
-                return f["features"]
-        raise UserError(f"{path} was made from other inputs than its name says; delete it")
-    features = inception_features(images, model, dims, batch_size, clean).astype(np.float32)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, features=features, key=repr(sorted(full.items())))
-    os.replace(tmp, path)
-    return features
+    full = dict(key, what="features", n=len(images), images_md5=digest(images.numpy()), dims=dims,
+                resize="clean" if clean else "pytorch-fid", weights=WEIGHTS_SHA256[:12])
+    compute = lambda: inception_features(images, model, dims, batch_size, clean).astype(np.float32)
+    return cached_array(full, cache_dir, compute)
 
 
 def reference_stats(images, key, model, cache_dir, dims=2048, batch_size=200, clean=False):

@@ -7,9 +7,11 @@
     python mm.py generate                  # CIFAR-100 diffusion: < 1,000,000 parameters, <= 50,000 steps
     python mm.py gradflow --compare        # depth study: why VGG_38 fails, and BN / residual fixes
     python mm.py bench                     # ms per training step, sampler and Inception img/s on this device
+    python mm.py report --classify runs/classify --generate runs/generate --gradflow runs/gradflow
 
 Reading order: configs -> training utilities (the run plumbing every command shares) -> classifier ->
-classifier training -> diffusion -> diffusion training -> depth study -> speed benchmark -> figures -> CLI.
+classifier training -> diffusion -> diffusion training -> depth study -> speed benchmark -> report -> figures
+-> CLI.
 """
 import argparse
 import contextlib
@@ -1043,7 +1045,7 @@ def train_generator(cfg, net, ema, opt, scaler, x_train, y_train, hw, ckpt_path,
             if done % cfg.sample_every == 0 and done < cfg.steps:  # a grid to watch the run by
                 ema.eval()
                 grid = sample_images(ema, torch.arange(64) % 100, cfg, hw, cfg.seed)
-                save_grid(os.path.join(cfg.out, "progress.png"), grid, nrow=8)
+                save_grid(os.path.join(cfg.out, "progress.png"), grid, 8, f"EMA samples after {done:,} steps")
                 checkpoint(done)
                 progress.restart(done)
             if flag.stop:
@@ -1117,10 +1119,10 @@ def write_samples_and_figures(cfg, ema, hw):
     t0 = time.time()
     images = sample_images(ema, labels, cfg, hw, cfg.seed)  # (N, 3, 32, 32) uint8
     sample_seconds = time.time() - t0
-    save_grid(os.path.join(cfg.out, "samples.png"), images[:64], nrow=8)
+    save_grid(os.path.join(cfg.out, "samples.png"), images[:64], 8, "the first 64 samples (classes 0..63)")
     np.savez(os.path.join(cfg.out, "samples.npz"), images=images.numpy(), labels=labels.numpy())
     frames, (la, lb) = interpolations(ema, cfg, hw, cfg.seed)
-    save_grid(os.path.join(cfg.out, "interpolations.png"), frames, nrow=10)
+    save_grid(os.path.join(cfg.out, "interpolations.png"), frames, 10, "8 pairs: slerp of noise, lerp of class")
     return images, {"fid_samples": len(images), "sample_seconds": sample_seconds,
                     "interpolation_classes": [la.tolist(), lb.tolist()]}
 
@@ -1131,7 +1133,9 @@ def score_samples(cfg, images, x_train, hw, metrics):
     feature-based numbers are null with the reason; the pixel copy rate needs no network."""
     x_test, _ = data.load_test("cifar100", cfg.data_dir or None)  # the test split is used for scoring only
     sample_px = fid.nearest_distances(images, x_train, device=hw.device)  # (N,) pixel L2 to the nearest train image
-    test_px = fid.nearest_distances(x_test, x_train, device=hw.device)
+    cache = data.data_root(cfg.data_dir or None)
+    key = {"what": "test-to-train-pixel-l2", "test": fid.digest(x_test), "train": fid.digest(x_train.cpu().numpy())}
+    test_px = fid.cached_array(key, cache, lambda: fid.nearest_distances(x_test, x_train, device=hw.device))
     metrics["pixel_copy"] = fid.copy_rate(sample_px, test_px)
     metrics["pixel_copy_rate"] = metrics["pixel_copy"]["copy_rate"]
     sample_feats, train_feats = None, None
@@ -1141,7 +1145,7 @@ def score_samples(cfg, images, x_train, hw, metrics):
         metrics["fid"], metrics["fid_unavailable"] = None, str(e)
         print(f"FID and the feature panel skipped: {e}")
     else:
-        cache, test_key = data.data_root(cfg.data_dir or None), {"dataset": "cifar100", "split": "test"}
+        test_key = {"dataset": "cifar100", "split": "test"}
         test_feats = fid.cached_features(x_test, test_key, inception, cache)
         test_clean = fid.cached_features(x_test, test_key, inception, cache, clean=True)
         sample_feats = fid.inception_features(images, inception)
@@ -1160,7 +1164,8 @@ def score_samples(cfg, images, x_train, hw, metrics):
     metrics["neighbours"] = {"sample_index": shown, **found}
     rows = [torch.stack([images[s]] + [x_train[j].cpu() for j in found["pixel_index"][row]])
             for row, s in enumerate(shown)]
-    save_grid(os.path.join(cfg.out, "neighbours.png"), torch.cat(rows), nrow=4)
+    save_grid(os.path.join(cfg.out, "neighbours.png"), torch.cat(rows), 4, "", gap_after=1,
+              header=("sample", "3 nearest training images"))
 
 
 def generate(cfg):
@@ -1580,87 +1585,325 @@ def bench(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures: line charts and image grids as PNG, drawn with Pillow
+# Report: the coursework papers' tables and figures from finished run folders (report.md, report.tex)
+
+@dataclass
+class ReportConfig:
+    classify: str = ""  # a finished classify run folder (empty: leave the classifier out)
+    generate: str = ""  # a finished generate run folder (empty: leave the generator out)
+    gradflow: str = ""  # a finished gradflow run folder, e.g. from --compare (empty: leave the depth study out)
+    ablation: str = ""  # a folder whose sub-folders are finished classify runs, one ablation row each
+    out: str = "runs/report"  # folder for report.md, report.tex, the figures (PNG, 300 dpi) and their CSVs
+
+
+def read_metrics(folder, command):
+    """metrics.json of a finished run, or None with one line saying why."""
+    path = os.path.join(folder, "metrics.json")
+    if not os.path.isfile(path):
+        print(f"{command}: {folder} has no metrics.json (unfinished, or not a {command} run); left out")
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def tex_escape(text):
+    for plain, tex in (("\\", r"\textbackslash{}"), ("%", r"\%"), ("_", r"\_"), ("&", r"\&"), ("#", r"\#"),
+                       ("±", r"$\pm$"), ("≤", r"$\le$"), ("<", r"$<$"), ("σ", r"$\sigma$")):
+        text = text.replace(plain, tex)
+    return text
+
+
+class Report:
+    """Collects markdown and LaTeX side by side: tables (booktabs), figures (with captions), lines."""
+
+    def __init__(self, out):
+        self.out, self.md, self.tex = out, [], []
+
+    def heading(self, text):
+        self.md += [f"## {text}", ""]
+        self.tex += [rf"\subsection*{{{tex_escape(text)}}}"]
+
+    def line(self, text):
+        self.md += [text, ""]
+        self.tex += [tex_escape(text), ""]
+
+    def table(self, caption, rows):
+        keys = list(rows[0])
+        self.md += [f"**{caption}**", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        self.md += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows] + [""]
+        env, width = ("table*", r"\textwidth") if len(keys) > 5 else ("table", r"\columnwidth")  # wide: both columns
+        shrink = rf"\resizebox{{\ifdim\width>{width} {width}\else\width\fi}}{{!}}{{%"  # scaled down only, never up
+        self.tex += [rf"\begin{{{env}}}[t]", r"\centering", rf"\caption{{{tex_escape(caption)}}}", shrink,
+                     r"\begin{tabular}{l" + "r" * (len(keys) - 1) + "}", r"\toprule",
+                     " & ".join(tex_escape(k) for k in keys) + r" \\", r"\midrule"]
+        self.tex += [" & ".join(tex_escape(str(r[k])) for k in keys) + r" \\" for r in rows]
+        self.tex += [r"\bottomrule", r"\end{tabular}}", rf"\end{{{env}}}", ""]
+
+    def figure(self, name, caption):
+        self.md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+        size = r"width=\columnwidth,height=0.45\textheight,keepaspectratio"  # tall grids stay on the page
+        self.tex += [r"\begin{figure}[t]", r"\centering", rf"\includegraphics[{size}]{{{name}}}",
+                     rf"\caption{{{tex_escape(caption)}}}", r"\end{figure}", ""]
+
+
+def penalty_line(params, param_limit, steps, step_limit):
+    marks = budget_penalty(params, param_limit, False) + budget_penalty(steps, step_limit, True)
+    return f"penalty: {marks} marks (parameters {params:,} < {param_limit:,}; steps {steps:,} ≤ {step_limit:,})"
+
+
+def mean_band(curves, key):
+    """Mean and mean ± std across runs of curves[run][key] (runs share their x values)."""
+    values = np.array([c[key] for c in curves], dtype=np.float64)  # (runs, points)
+    mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
+    return mean.tolist(), ((mean - std).tolist(), (mean + std).tolist())
+
+
+def report_classifier(rep, m, ablation):
+    rep.heading("Classifier (AddNIST)")
+    rep.line(penalty_line(m["params"], CLASSIFY_PARAM_LIMIT, m["steps"], CLASSIFY_STEP_LIMIT))
+    n = m["runs"]
+    rep.table(f"Classifier: final figures, mean ± std over {n} seed(s)", [
+        {"parameters": f"{m['params']:,}", "steps": f"{m['steps']:,}",
+         "train loss": f"{m['train_loss_mean']:.4f} ± {m['train_loss_std']:.4f}",
+         "train acc %": percent((m["train_acc_mean"], m["train_acc_std"])),
+         "test acc %": percent((m["test_acc_mean"], m["test_acc_std"]))}])
+    curves = [r["curves"] for r in m["per_run"]]
+    lines = []
+    for key, label, colour in (("train_acc", "train", PALETTE[0]), ("test_acc", "test", PALETTE[1])):
+        mean, band = mean_band(curves, key)
+        lines.append(Line(f"{label} (mean ± std)", curves[0]["step"], mean, colour, band))
+    line_plot(os.path.join(rep.out, "classifier_accuracy.png"), lines, f"AddNIST accuracy, {n} seed(s)", "step",
+              "accuracy", percent=True)
+    rep.figure("classifier_accuracy.png", f"Train and test accuracy over training: mean across {n} seed(s), "
+                                          f"shaded ± one standard deviation.")
+    if ablation:
+        rep.table("Ablation at the full budget: test accuracy, mean ± std (n)",
+                  [{"row": name, "n": a["runs"], "train acc %": percent((a["train_acc_mean"], a["train_acc_std"])),
+                    "test acc %": percent((a["test_acc_mean"], a["test_acc_std"]))} for name, a in ablation])
+
+
+def report_generator(rep, m, folder):
+    rep.heading("Generator (CIFAR-100)")
+    rep.line(penalty_line(m["params"], GENERATE_PARAM_LIMIT, m["steps"], GENERATE_STEP_LIMIT))
+    rep.line(f"sampler: {m['sampler']}, {m['sampler_steps']} steps, NFE {m['nfe']}, guidance {m['guidance']}; "
+             f"{m['fid_samples']:,} samples scored against the CIFAR-100 test split")
+    rows = [{"metric": key, "value": "null" if m.get(key) is None else f"{m[key]:.4g}"}
+            for key in fid.PANEL_MEANING if key in m]
+    rep.table("Generator: the quality panel (realism, diversity, uniqueness)", rows)
+    for name, caption in (("samples.png", "64 samples, the first of the run (not cherry-picked)."),
+                          ("interpolations.png", "Interpolations between 8 pairs of samples."),
+                          ("neighbours.png", "The first 8 samples, then the 8 samples nearest to a training "
+                                             "image, each with its 3 nearest training images (pixel L2).")):
+        if os.path.exists(os.path.join(folder, name)):
+            Image.open(os.path.join(folder, name)).save(os.path.join(rep.out, "generator_" + name), dpi=(300, 300))
+            rep.figure("generator_" + name, caption)
+
+
+def report_depth_study(rep, m, folder):
+    rep.heading("Depth study (CIFAR-100)")
+    runs = {}  # configuration name -> its runs' metrics, read from OUT/<configuration>/seed*/metrics.json
+    for row in m["table"]:
+        sub = os.path.join(folder, re.sub(r"[^A-Za-z0-9]+", "_", row["name"]).strip("_"))
+        runs[row["name"]] = [json.load(open(os.path.join(sub, d, "metrics.json"))) for d in sorted(os.listdir(sub))
+                             if os.path.isfile(os.path.join(sub, d, "metrics.json"))]
+    table = []
+    for row in m["table"]:
+        per = runs[row["name"]]
+        last = lambda key: mean_std([r["curves"][key][-1] for r in per])
+        table.append({"model": row["name"], "lr": f"{row['lr']:.0e}", "params": f"{row['params']:,}",
+                      "train loss": "{:.3f} ± {:.3f}".format(*last("train_loss")),
+                      "train acc %": percent(last("train_acc")),
+                      "val loss": "{:.3f} ± {:.3f}".format(*last("val_loss")), "val acc %": percent(last("val_acc")),
+                      "test acc %": percent((row["test_acc_mean"], row["test_acc_std"]))})
+    rep.table(f"Depth study: final epoch, mean ± std over {m['table'][0]['runs']} seed(s)", table)
+    for key, label in (("loss", "loss"), ("acc", "accuracy")):
+        lines = []
+        for i, (name, per) in enumerate(runs.items()):
+            colour = PALETTE[i % len(PALETTE)]
+            for split, shade in (("train", colour), ("val", tuple(v // 2 for v in colour))):
+                mean, band = mean_band([r["curves"] for r in per], f"{split}_{key}")
+                lines.append(Line(f"{name}, {split}", per[0]["curves"]["epoch"], mean, shade, band))
+        line_plot(os.path.join(rep.out, f"depth_{label}.png"), lines, f"{label} per epoch", "epoch", label,
+                  size=(1400, 700), percent=key == "acc")
+        rep.figure(f"depth_{label}.png", f"Train and validation {label} of every configuration "
+                                         f"(mean ± std over seeds).")
+    lines = []
+    for i, (name, per) in enumerate(runs.items()):
+        flow = per[0]["grad_flow"][-1]  # the last epoch of the first seed
+        xs = [j / max(1, len(flow) - 1) for j in range(len(flow))]
+        lines.append(Line(name, xs, list(flow.values()), PALETTE[i % len(PALETTE)]))
+    line_plot(os.path.join(rep.out, "depth_gradflow.png"), lines, "gradient flow at the last epoch",
+              "relative depth of the layer (0 = entry, 1 = classifier)", "mean |dL/dW|", size=(1400, 700), logy=True)
+    rep.figure("depth_gradflow.png", "Mean absolute gradient of every weight layer at the last epoch, entry to "
+                                     "classifier: the plain 38-layer network's gradient vanishes towards its entry.")
+
+
+def report(cfg):
+    """`python mm.py report`: report.md and report.tex with every table and figure the two papers need."""
+    if not (cfg.classify or cfg.generate or cfg.gradflow):
+        raise UserError("name at least one finished run: --classify DIR, --generate DIR or --gradflow DIR")
+    check_out(cfg.out, has_run=False)
+    os.makedirs(cfg.out, exist_ok=True)
+    rep = Report(cfg.out)
+    ablation = []
+    if cfg.ablation and os.path.isdir(cfg.ablation):
+        for name in sorted(os.listdir(cfg.ablation)):
+            found = read_metrics(os.path.join(cfg.ablation, name), "classify")
+            ablation += [(name, found)] if found else []
+    for folder, command, write in ((cfg.classify, "classify", lambda m: report_classifier(rep, m, ablation)),
+                                   (cfg.generate, "generate", lambda m: report_generator(rep, m, cfg.generate)),
+                                   (cfg.gradflow, "gradflow", lambda m: report_depth_study(rep, m, cfg.gradflow))):
+        found = read_metrics(folder, command) if folder else None
+        if found:
+            write(found)
+    with open(os.path.join(cfg.out, "report.md"), "w") as f:
+        f.write("# Results\n\n" + "\n".join(rep.md))
+    with open(os.path.join(cfg.out, "report.tex"), "w") as f:  # \input{report} inside a paper with booktabs, graphicx
+        f.write("% generated by `python mm.py report`; needs \\usepackage{booktabs,graphicx}\n" + "\n".join(rep.tex))
+    print(f"wrote {cfg.out}/report.md, report.tex and {len([n for n in os.listdir(cfg.out) if n.endswith('.png')])} "
+          f"figures (PNG at 300 dpi, numbers as CSV beside the charts)")
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures: line charts and image grids as PNG, drawn with Pillow; every chart's numbers also go to a CSV
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+Line = namedtuple("Line", "label xs ys colour band", defaults=(None,))  # band: (lows, highs), a shaded ± area
 
 
-def line_plot(path, series, title, xlabel, ylabel, size=(800, 500), logy=False, xlabels=None):
-    """Draw [(label, xs, ys, colour)] as a line chart PNG with Pillow; same-label lines share one legend row.
+def nice_ticks(lo, hi, count=5, integer=False):
+    """Round tick values spanning [lo, hi]: steps of 1, 2, 2.5 or 5 times a power of ten (whole steps only
+    for integer data such as epochs)."""
+    if hi <= lo:
+        lo, hi = lo - 0.5 * (abs(lo) or 1.0), hi + 0.5 * (abs(hi) or 1.0)
+    raw = max((hi - lo) / count, 1.0) if integer else (hi - lo) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw * 0.999 and not (integer and m == 2.5))
+    first, last = math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step
+    return [first + i * step for i in range(round((last - first) / step) + 1)], step
 
-    logy plots log10(y) with decade labels; xlabels names the integer x positions 0..n-1 (rotated text).
+
+def tick_text(value, step):
+    """A tick label with just the decimals its step needs (a step of 2.5e-k needs one more than 1e-k)."""
+    power = math.floor(math.log10(step) + 1e-9)
+    extra = 1 if round(step / 10 ** power, 1) == 2.5 else 0
+    return f"{value:.{max(0, -power) + extra}f}"
+
+
+def line_plot(path, lines, title, xlabel, ylabel, size=(975, 600), logy=False, percent=False, xlabels=None):
+    """Draw Lines as a chart PNG (Pillow) and write their numbers to a CSV beside it.
+
+    Round ticks; the legend sits in its own panel right of the data, so it never covers a curve; percent
+    plots y x 100; logy plots log10(y) with one label per decade (10^-3 ...); xlabels names the integer x
+    positions 0..n-1 (rotated). The default size is a 3.25-inch paper column at 300 dpi.
     """
     W, H = size
-    left, right, top = 80, 20, 40
-    bottom = 60 if xlabels is None else 40 + 7 * max(len(t) for t in xlabels)
+    font = ImageFont.load_default(size=max(12, W // 40))
+    fy = (lambda y: math.log10(max(y, 1e-30))) if logy else (lambda y: 100 * y if percent else y)
+    legend = dict((line.label, line.colour) for line in lines)  # same-label lines share one legend row
+    legend_w = max(font.getlength(label) for label in legend) + 50
+    right, top = legend_w + 20, 30 + font.size * 2
+    bottom = font.size * 3 + 10 if xlabels is None else max(map(font.getlength, xlabels)) + 2 * font.size + 20
+    ys_all = [fy(y) for line in lines for y in line.ys] + [fy(v) for line in lines if line.band for v in
+                                                             line.band[0] + line.band[1]]
+    xs_all = [x for line in lines for x in line.xs]
+    if logy:
+        lo, hi = math.floor(min(ys_all)), math.ceil(max(ys_all))
+        every = max(1, math.ceil((hi - lo) / 8))  # at most about 8 decade labels, the last one above the data
+        y_ticks = [lo + i * every for i in range(math.ceil((hi - lo) / every) + 1)]
+        y_text = lambda v: f"1e{v:d}"
+    else:
+        y_ticks, y_step = nice_ticks(min(ys_all), max(ys_all))
+        y_text = lambda v: tick_text(v, y_step)
+    if xlabels is None:
+        x_ticks, x_step = nice_ticks(min(xs_all), max(xs_all), integer=all(float(x).is_integer() for x in xs_all))
+    else:
+        x_ticks, x_step = [0, max(len(xlabels) - 1, 1)], 1
+    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], max(y_ticks[-1], y_ticks[0] + 1e-12)
+    left = 16 + max(font.getlength(y_text(v)) for v in y_ticks)  # room for the widest tick label
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=14)
-    fy = (lambda y: math.log10(max(y, 1e-30))) if logy else (lambda y: y)
-    xs_all = [x for _, xs, _, _ in series for x in xs]
-    ys_all = [fy(y) for _, _, ys, _ in series for y in ys]
-    x0, x1 = min(xs_all), max(xs_all)
-    y0, y1 = min(ys_all), max(ys_all)
-    pad = 0.05 * (y1 - y0 or 1.0)
-    y0, y1 = y0 - pad, y1 + pad
-    x1 = x1 if x1 > x0 else x0 + 1
 
-    def px(x, y):
+    def px(x, y):  # data -> pixel coordinates
         return (left + (x - x0) / (x1 - x0) * (W - left - right),
                 H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
 
-    d.rectangle([left, top, W - right, H - bottom], outline="black")
-    for i in range(6):  # horizontal gridlines with y tick labels
-        yv = y0 + (y1 - y0) * i / 5
-        _, yp = px(x0, yv)
+    for v in y_ticks:  # horizontal grid lines with their labels
+        _, yp = px(x0, v)
         d.line([left, yp, W - right, yp], fill=(225, 225, 225))
-        d.text((left - 6, yp), f"1e{yv:.1f}" if logy else f"{yv:.4g}", fill="black", font=font, anchor="rm")
-        if xlabels is None:
-            xv = x0 + (x1 - x0) * i / 5
-            d.text((px(xv, y0)[0], H - bottom + 6), f"{xv:.4g}", fill="black", font=font, anchor="ma")
+        d.text((left - 6, yp), y_text(v), fill="black", font=font, anchor="rm")
+    if xlabels is None:
+        for v in x_ticks:
+            d.text((px(v, y0)[0], H - bottom + 6), tick_text(v, x_step), fill="black", font=font, anchor="ma")
     for i, text in enumerate(xlabels or []):  # one rotated label per category
         box = font.getbbox(text)
         tile = Image.new("RGB", (box[2] + 2, box[3] + 2), "white")
         ImageDraw.Draw(tile).text((1, 1), text, fill="black", font=font)
         tile = tile.rotate(90, expand=True)
-        img.paste(tile, (int(px(i, y0)[0] - tile.width / 2), H - bottom + 4))
-    for _, xs, ys, colour in series:
-        pts = [px(x, fy(y)) for x, y in zip(xs, ys)]
-        if len(pts) > 1:
-            d.line(pts, fill=colour, width=2)
-        for p in pts[-1:]:
-            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
-    legend = dict((label, colour) for label, _, _, colour in series)
-    d.rectangle([W - right - 156, top + 2, W - right - 4, top + 18 * len(legend) + 4], fill="white",
-                outline=(200, 200, 200))  # the legend sits on its own box, above the lines
-    for i, (label, colour) in enumerate(legend.items()):
-        y = top + 10 + 18 * i
-        d.line([W - right - 150, y, W - right - 125, y], fill=colour, width=3)
-        d.text((W - right - 120, y), label, fill="black", font=font, anchor="lm")
-    d.text((W / 2, 12), title, fill="black", font=font, anchor="ma")
-    d.text((W / 2, H - 18), xlabel, fill="black", font=font, anchor="ma")
-    d.text((8, top - 22), ylabel, fill="black", font=font, anchor="la")
-    img.save(path)
+        img.paste(tile, (int(px(i, y0)[0] - tile.width / 2), int(H - bottom + 4)))
+    for line in lines:  # bands first, lightened, so every line stays visible above them
+        if line.band:
+            pale = tuple(int(255 - 0.25 * (255 - c)) for c in line.colour)
+            upper = [px(x, fy(v)) for x, v in zip(line.xs, line.band[1])]
+            lower = [px(x, fy(v)) for x, v in zip(line.xs, line.band[0])]
+            if len(upper) > 1:
+                d.polygon(upper + lower[::-1], fill=pale)
+    for line in lines:
+        points = [px(x, fy(y)) for x, y in zip(line.xs, line.ys)]
+        if len(points) > 1:
+            d.line(points, fill=line.colour, width=max(2, W // 300))
+        for p in points[-1:]:  # a dot at the last value
+            d.ellipse([p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4], fill=line.colour)
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for i, (label, colour) in enumerate(legend.items()):  # the legend, right of the data
+        y = top + font.size * (0.7 + 1.4 * i)
+        d.line([W - legend_w - 5, y, W - legend_w + 25, y], fill=colour, width=4)
+        d.text((W - legend_w + 32, y), label, fill="black", font=font, anchor="lm")
+    d.text(((left + W - right) / 2, 4), title, fill="black", font=font, anchor="ma")
+    d.text(((left + W - right) / 2, H - font.size - 6), xlabel, fill="black", font=font, anchor="ma")
+    d.text((8, font.size + 10), ylabel + (" (%)" if percent else ""), fill="black", font=font, anchor="la")
+    img.save(path, dpi=(300, 300))
+    with open(os.path.splitext(path)[0] + ".csv", "w") as f:  # the numbers behind the figure
+        f.write("label,x,y,band_low,band_high\n")
+        for line in lines:
+            lows, highs = line.band or ([""] * len(line.xs), [""] * len(line.xs))
+            for x, y, lo, hi in zip(line.xs, line.ys, lows, highs):
+                f.write(f"{line.label},{x},{y},{lo},{hi}\n")
 
 
-def save_grid(path, images, nrow, scale=2, pad=2):
-    """uint8 (N, 3, H, W) -> one PNG grid with nrow images per row, each scaled up `scale` times."""
+GRID_TITLE = 24  # pixels of the title bar above an image grid
+
+
+def save_grid(path, images, nrow, title, scale=2, pad=2, gap_after=None, header=None):
+    """uint8 (N, 3, H, W) -> one PNG grid with nrow images per row, each scaled up `scale` times, under a
+    title bar. gap_after=k sets the first k columns apart (the query column of neighbours.png); header
+    names the two column groups."""
     n, _, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    canvas = Image.new("RGB", (nrow * (w * scale + pad) + pad, rows * (h * scale + pad) + pad), "white")
+    rows, gap = math.ceil(n / nrow), 0 if gap_after is None else 8
+    font = ImageFont.load_default(size=14)
+    width, height = nrow * (w * scale + pad) + pad + gap, rows * (h * scale + pad) + pad + GRID_TITLE
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, GRID_TITLE // 2), title if header is None else f"{header[0]}  |  {header[1]}", fill="black",
+              font=font, anchor="lm")
     for i, img in enumerate(images.cpu()):
+        column = i % nrow
         tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((w * scale, h * scale), Image.NEAREST)
-        canvas.paste(tile, (pad + (i % nrow) * (w * scale + pad), pad + (i // nrow) * (h * scale + pad)))
+        x = pad + column * (w * scale + pad) + (gap if gap_after is not None and column >= gap_after else 0)
+        canvas.paste(tile, (x, GRID_TITLE + pad + (i // nrow) * (h * scale + pad)))
     canvas.save(path)
 
 
 def plot_accuracy(path, results):
-    series = []
-    for r in results:
-        c = r["curves"]
-        series.append(("train accuracy", c["step"], c["train_acc"], PALETTE[0]))
-        series.append(("test accuracy", c["step"], c["test_acc"], PALETTE[1]))
-    line_plot(path, series, f"AddNIST accuracy ({len(results)} run{'s' * (len(results) > 1)})", "step", "accuracy")
+    """Train and test accuracy over steps: one line per run, labelled by its seed (percent axis)."""
+    lines = []
+    for i, r in enumerate(results):
+        c, colour = r["curves"], PALETTE[i % len(PALETTE)]
+        lines.append(Line(f"train, seed {r['seed']}", c["step"], c["train_acc"], colour))
+        lines.append(Line(f"test, seed {r['seed']}", c["step"], c["test_acc"], tuple(v // 2 for v in colour)))
+    line_plot(path, lines, f"AddNIST accuracy ({len(results)} run{'s' * (len(results) > 1)})", "step", "accuracy",
+              percent=True)
 
 
 def plot_run(run_dir, result):
@@ -1668,14 +1911,16 @@ def plot_run(run_dir, result):
     flows, names = result["grad_flow"], list(result["grad_flow"][0])
     n = len(flows)
     chosen = sorted({0, n // 4, n // 2, 3 * n // 4, n - 1})  # a few epochs, first and last included
-    series = [(f"epoch {e + 1}", list(range(len(names))), [flows[e][k] for k in names], PALETTE[i % len(PALETTE)])
-              for i, e in enumerate(chosen)]
-    line_plot(os.path.join(run_dir, "gradflow.png"), series, "gradient flow: mean |dL/dW| per layer", "layer",
-              "mean |grad|", size=(1000, 560), logy=True, xlabels=[layer_name(k) for k in names])
+    lines = [Line(f"epoch {e + 1}", list(range(len(names))), [flows[e][k] for k in names],
+                  PALETTE[i % len(PALETTE)]) for i, e in enumerate(chosen)]
+    line_plot(os.path.join(run_dir, "gradflow.png"), lines, "gradient flow: mean |dL/dW| per layer", "layer",
+              "mean |grad|", size=(1400, 700), logy=True, xlabels=[layer_name(k) for k in names])
     c = result["curves"]
     line_plot(os.path.join(run_dir, "curves.png"),
-              [("train accuracy", c["epoch"], c["train_acc"], PALETTE[0]),
-               ("val accuracy", c["epoch"], c["val_acc"], PALETTE[1])], "accuracy per epoch", "epoch", "accuracy")
+              [Line("train", c["epoch"], c["train_acc"], PALETTE[0]),
+               Line("val", c["epoch"], c["val_acc"], PALETTE[1])],
+              "accuracy per epoch", "epoch", "accuracy", percent=True)
+
 
 # ---------------------------------------------------------------------------------------------
 # CLI: argparse subcommands built from the config dataclasses, so --help lists every knob
@@ -1683,7 +1928,8 @@ def plot_run(run_dir, result):
 COMMANDS = {"classify": (ClassifyConfig, classify, "train the AddNIST classifier under its budget"),
             "generate": (GenerateConfig, generate, "train the CIFAR-100 diffusion model under its budget, then score"),
             "gradflow": (GradflowConfig, gradflow, "depth study: VGG_08 vs VGG_38 on CIFAR-100, gradient flow, fixes"),
-            "bench": (BenchConfig, bench, "time each command's training step, the sampler and Inception on a device")}
+            "bench": (BenchConfig, bench, "time each command's training step, the sampler and Inception on a device"),
+            "report": (ReportConfig, report, "report.md and report.tex with the tables and figures of finished runs")}
 
 
 def field_help(cls):

@@ -457,7 +457,9 @@ def test_outputs_metrics_and_plot():
     assert saved["per_run"][0]["curves"]["step"] == [3, 6]
     from PIL import Image
     img = Image.open(os.path.join(out, "accuracy.png"))
-    assert img.size == (800, 500) and len(img.getcolors(1 << 16)) > 3  # something was drawn
+    assert img.size == (975, 600) and len(img.getcolors(1 << 16)) > 3  # a 3.25-inch column at 300 dpi
+    rows = open(os.path.join(out, "accuracy.csv")).read().splitlines()  # the numbers behind the figure
+    assert rows[0] == "label,x,y,band_low,band_high" and len(rows) == 1 + 2 * 2 * 2  # 2 runs x train/test x 2 evals
 
 
 def test_cli_help_and_one_line_errors():
@@ -586,9 +588,11 @@ def test_generate_writes_samples_and_grids():
     assert npz["images"].shape == (64, 3, 32, 32) and npz["images"].dtype == np.uint8  # never fewer than the grid
     assert npz["labels"].tolist() == list(range(64))  # classes cycled
     from PIL import Image
-    assert Image.open(os.path.join(out, "samples.png")).size == (8 * 66 + 2,) * 2  # 64 slots of 32x2 + 2 px
-    assert Image.open(os.path.join(out, "interpolations.png")).size == (10 * 66 + 2, 8 * 66 + 2)
-    assert Image.open(os.path.join(out, "neighbours.png")).size == (4 * 66 + 2, 16 * 66 + 2)  # first 8, closest 8
+    bar = mm.GRID_TITLE  # every grid has a title bar above its tiles
+    assert Image.open(os.path.join(out, "samples.png")).size == (8 * 66 + 2, 8 * 66 + 2 + bar)  # 64 tiles of 32x2 + 2 px
+    assert Image.open(os.path.join(out, "interpolations.png")).size == (10 * 66 + 2, 8 * 66 + 2 + bar)
+    # first 8, then the closest 8; the query column is set apart by an 8-pixel gap
+    assert Image.open(os.path.join(out, "neighbours.png")).size == (4 * 66 + 2 + 8, 16 * 66 + 2 + bar)
     saved = json.load(open(os.path.join(out, "metrics.json")))
     assert len(saved["neighbours"]["pixel_l2"]) == 16 and len(saved["neighbours"]["pixel_l2"][0]) == 3
     with tiny_cifar(root=tiny_trained_generator()["root"]) as root:
@@ -1342,6 +1346,56 @@ def test_clean_resize_keeps_constant_images():
     out = fid.clean_resize(flat)
     assert out.shape == (1, 3, 299, 299) and torch.allclose(out, torch.full_like(out, 128 / 255), atol=1e-5)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures and the report
+
+def test_ticks_are_round_and_cover_the_data():
+    for lo, hi, integer in ((0.08303, 0.2237, False), (0, 10_000, True), (1, 1, True), (-0.00025, 0.0031, False),
+                            (0.97, 0.9991, False), (1, 2, True)):
+        ticks, step = mm.nice_ticks(lo, hi, integer=integer)
+        assert ticks[0] <= lo and ticks[-1] >= hi and 2 <= len(ticks) <= 11, (lo, hi, ticks)
+        mantissa = step / 10 ** math.floor(math.log10(step))
+        assert round(mantissa, 6) in (1, 2, 2.5, 5), step  # round steps only
+        assert not integer or float(step).is_integer()  # epochs get whole ticks, never 1.2 or 1.4
+        labels = [mm.tick_text(v, step) for v in ticks]
+        assert len(set(labels)) == len(labels) and all(len(s) <= 8 for s in labels), labels  # no 0.08303
+
+
+def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
+    root = write_addnist(tmpdir())
+    runs = {name: tmpdir() for name in ("classify", "generate", "gradflow", "ablation")}
+    quiet(mm.classify, tiny_cfg(root, runs["classify"], runs=2))
+    quiet(mm.classify, tiny_cfg(root, os.path.join(runs["ablation"], "shifts_only"), elastic=0.0))
+    os.makedirs(os.path.join(runs["ablation"], "unfinished"))
+    with tiny_cifar() as croot:
+        quiet(mm.generate, tiny_gen_cfg(croot, runs["generate"]))
+        quiet(mm.gradflow, tiny_gradflow_cfg(croot, runs["gradflow"], runs=2, epochs=1))
+    out = tmpdir()
+    _, log = quiet(mm.report, mm.ReportConfig(classify=runs["classify"], generate=runs["generate"],
+                                              gradflow=runs["gradflow"], ablation=runs["ablation"], out=out))
+    assert "unfinished" in log  # a partial folder is named in one line, and nothing crashes
+    md, tex = open(os.path.join(out, "report.md")).read(), open(os.path.join(out, "report.tex")).read()
+    c = json.load(open(os.path.join(runs["classify"], "metrics.json")))
+    for key in ("train_acc", "test_acc"):
+        assert f"{100 * c[key + '_mean']:.2f} ± {100 * c[key + '_std']:.2f}" in md, key
+    assert f"{c['train_loss_mean']:.4f} ± {c['train_loss_std']:.4f}" in md and "penalty: 0 marks" in md
+    g = json.load(open(os.path.join(runs["generate"], "metrics.json")))
+    assert f"NFE {g['nfe']}" in md and f"{g['pixel_copy_rate']:.4g}" in md and "| fid | null |" in md
+    v = json.load(open(os.path.join(runs["gradflow"], "metrics.json")))
+    assert f"{100 * v['table'][0]['test_acc_mean']:.2f} ± {100 * v['table'][0]['test_acc_std']:.2f}" in md
+    for name in ("classifier_accuracy", "depth_loss", "depth_accuracy", "depth_gradflow"):
+        assert os.path.getsize(os.path.join(out, name + ".png")) > 1000 and os.path.exists(os.path.join(out, name + ".csv"))
+        assert f"{{{name}.png}}" in tex
+    for name in ("generator_samples.png", "generator_interpolations.png", "generator_neighbours.png"):
+        assert os.path.exists(os.path.join(out, name)) and name in tex
+    depth = 0  # braces balance (escaped \{ \} aside) and never close more than they opened
+    for ch in tex.replace("\\{", "").replace("\\}", ""):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        assert depth >= 0
+    assert depth == 0 and "\\documentclass" not in tex and "\\begin{document}" not in tex  # \input-safe
+    assert tex.count("\\begin{table") == tex.count("\\end{table") == 4  # classifier, ablation, panel, depth
 
 # ---------------------------------------------------------------------------------------------
 # fid.py: the quality panel (KID, precision/recall, density/coverage, copy rate) against closed forms
