@@ -5,8 +5,9 @@
 
 Everything lives under one cache root: --data-dir, else $MM_DATA, else ./data. A file already in
 place is used without touching the network, once its checksum matches; MM_TRUST_LOCAL=1 skips that
-check for files already in place (stand-ins in the official format, say), with a notice each time. Downloads stream into `NAME.part`, are verified, and only
-then renamed to their real name, so an interrupted download never leaves a half-written file behind.
+check for files already in place (stand-ins in the official format, say), with a notice each time.
+Downloads stream into `NAME.part`, are verified, and only then renamed to their real name, so an
+interrupted download never leaves a half-written file behind.
 
 Loaders return numpy arrays. The test split has its own entry point, `load_test()`, which only
 evaluation code calls: `load_split()` refuses it, so a training loop cannot draw from it by accident.
@@ -81,7 +82,8 @@ def verify(path, md5=None, sha256=None, size=None, bad=None):
         bad = bad or path + ".bad"
         os.replace(path, bad)  # kept aside for inspection, never silently reused
         raise UserError(f"{path} failed verification ({problem}); it was moved to {bad} - delete that and run "
-                        f"again to re-download (for a stand-in or a file you trust, move it back and set MM_TRUST_LOCAL=1)")
+                        f"again to re-download (for a stand-in or a file you trust, move it back and set "
+                        f"MM_TRUST_LOCAL=1)")
 
 
 def download(url, dest, md5=None, sha256=None, size=None, quiet=False):
@@ -98,7 +100,8 @@ def download(url, dest, md5=None, sha256=None, size=None, quiet=False):
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the data folder {folder} ({e.strerror or e}); choose another --data-dir") from None
+        raise UserError(f"cannot create the data folder {folder} ({e.strerror or e}); "
+                        f"choose another --data-dir") from None
     part = dest + ".part"
     by_hand = f"download {url} by hand and put it at {dest}"
     try:

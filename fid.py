@@ -621,7 +621,8 @@ def main():
         model = load_inception(device, a.data_dir, a.weights) if needs_net else None
         if a.all:
             real, fake = (inception_features(src, model, a.dims, a.batch_size) for src in sources)
-            real_clean, fake_clean = (inception_features(src, model, a.dims, a.batch_size, clean=True) for src in sources)
+            real_clean, fake_clean = (inception_features(src, model, a.dims, a.batch_size, clean=True)
+                                      for src in sources)
             print_panel(quality_panel(real, fake, real_clean, fake_clean, device))
             return
         stats = [stats_of(src, model, a.dims, a.batch_size, a.clean) for src in sources]

@@ -467,15 +467,18 @@ def test_cli_help_and_one_line_errors():
     assert set(helps) == {f.name for f in mm.fields(mm.ClassifyConfig)}  # every knob is documented
     run = lambda *a: subprocess.run([sys.executable, os.path.join(HERE, "mm.py"), *a], capture_output=True,
                                     text=True, timeout=120)
-    for command, cls in (("classify", mm.ClassifyConfig), ("gradflow", mm.GradflowConfig), ("generate", mm.GenerateConfig)):
+    commands = (("classify", mm.ClassifyConfig), ("gradflow", mm.GradflowConfig), ("generate", mm.GenerateConfig))
+    for command, cls in commands:
         r = run(command, "--help")
         assert r.returncode == 0 and all("--" + f.name.replace("_", "-") in r.stdout for f in mm.fields(cls)), command
         assert set(mm.field_help(cls)) == {f.name for f in mm.fields(cls)}  # every knob has its comment
     root = write_addnist(tmpdir())
     for args, needle in ((["classify", "--arch", "32,X"], "--arch"), (["classify", "--device", "cuda"], "cuda"),
-                         (["classify", "--steps", "0"], "--steps"), (["classify", "--batch-size", "4096"], "--batch-size"),
+                         (["classify", "--steps", "0"], "--steps"),
+                         (["classify", "--batch-size", "4096"], "--batch-size"),
                          (["classify", "--lr", "fast"], "--lr"), (["gradflow", "--depth", "9"], "--depth"),
-                         (["generate", "--widths", "8,12,16"], "multiple of 8"), (["generate", "--steps", "60000"], "60,000"),
+                         (["generate", "--widths", "8,12,16"], "multiple of 8"),
+                         (["generate", "--steps", "60000"], "60,000"),
                          (["nonsense"], "invalid choice")):
         if needle == "cuda" and torch.cuda.is_available():
             continue
@@ -589,7 +592,8 @@ def test_generate_writes_samples_and_grids():
     assert npz["labels"].tolist() == list(range(64))  # classes cycled
     from PIL import Image
     bar = mm.GRID_TITLE  # every grid has a title bar above its tiles
-    assert Image.open(os.path.join(out, "samples.png")).size == (8 * 66 + 2, 8 * 66 + 2 + bar)  # 64 tiles of 32x2 + 2 px
+    # 64 tiles of 32x2 px, 2 px apart, under the title bar
+    assert Image.open(os.path.join(out, "samples.png")).size == (8 * 66 + 2, 8 * 66 + 2 + bar)
     assert Image.open(os.path.join(out, "interpolations.png")).size == (10 * 66 + 2, 8 * 66 + 2 + bar)
     # first 8, then the closest 8; the query column is set apart by an 8-pixel gap
     assert Image.open(os.path.join(out, "neighbours.png")).size == (4 * 66 + 2 + 8, 16 * 66 + 2 + bar)
@@ -619,6 +623,22 @@ def test_generate_refuses_a_missing_checkpoint_and_an_overwrite():
     with tiny_cifar(root=run["root"]) as root:
         expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), sample_only=True)), "no checkpoint")
         expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, run["out"])), "--resume")
+
+def test_a_failure_while_scoring_keeps_the_samples_and_their_record():
+    def broken(*args, **kw):  # as if the Inception step died with a bug after a whole training run
+        raise RuntimeError("simulated failure inside scoring")
+
+    with tiny_cifar() as root, patched(fid, load_inception=broken):
+        out = tmpdir()
+        try:
+            quiet(mm.generate, tiny_gen_cfg(root, out))
+            raise AssertionError("the simulated failure did not propagate")
+        except RuntimeError as e:
+            assert "simulated" in str(e)  # a bug stays visible as a traceback...
+    saved = json.load(open(os.path.join(out, "metrics.json")))  # ...but what was made is on disk
+    assert saved["steps"] == 6 and saved["fid_samples"] == 64 and "fid" not in saved
+    assert np.load(os.path.join(out, "samples.npz"))["images"].shape == (64, 3, 32, 32)
+
 
 def test_interpolation_end_frames_are_the_samples():
     torch.manual_seed(0)
@@ -713,7 +733,9 @@ def test_gradient_flow_matches_hand_computation():
     net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     w1, b1, w2 = np.array([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]), np.array([0.1, -0.2]), np.array([[2.0, -4.0]])
     with torch.no_grad():
-        net[0].weight.copy_(torch.tensor(w1)), net[0].bias.copy_(torch.tensor(b1)), net[1].weight.copy_(torch.tensor(w2))
+        net[0].weight.copy_(torch.tensor(w1))
+        net[0].bias.copy_(torch.tensor(b1))
+        net[1].weight.copy_(torch.tensor(w2))
     x = np.array([0.5, -1.0, 2.0])
     net(torch.tensor(x, dtype=torch.float32)[None]).sum().backward()
     # L = w2 (W1 x + b1) + b2:  dL/dW2 = (W1 x + b1)^T,  dL/dW1 = w2^T x^T (an outer product)
@@ -970,29 +992,37 @@ def test_bad_invocations_get_one_line_and_touch_nothing():
     mm_cases = [
         (c + ["--out", fresh, "--pause-at", "-3"], "--pause-at"), (c + ["--out", fresh, "--lr", "-1"], "--lr"),
         (c + ["--out", fresh, "--eval-train", "0"], "--eval-train"),
-        (c + ["--out", fresh, "--eval-train", "-5"], "--eval-train"), (c + ["--out", fresh, "--shift", "-2"], "--shift"),
-        (c + ["--out", fresh, "--arch", "M,M,M,M,M,M"], "--arch"), (c + ["--out", fresh, "--dropout", "2"], "--dropout"),
+        (c + ["--out", fresh, "--eval-train", "-5"], "--eval-train"),
+        (c + ["--out", fresh, "--shift", "-2"], "--shift"),
+        (c + ["--out", fresh, "--arch", "M,M,M,M,M,M"], "--arch"),
+        (c + ["--out", fresh, "--dropout", "2"], "--dropout"),
         (c + ["--out", fresh, "--ema", "1.5"], "--ema"), (c + ["--out", fresh, "--ema", "-0.5"], "--ema"),
         (c + ["--out", fresh, "--warmup", "-10"], "--warmup"), (c + ["--out", fresh, "--zoom", "5"], "--zoom"),
-        (g + ["--out", fresh, "--widths", "0,0,0"], "--widths"), (g + ["--out", fresh, "--widths", "a,b,c"], "--widths"),
+        (g + ["--out", fresh, "--widths", "0,0,0"], "--widths"),
+        (g + ["--out", fresh, "--widths", "a,b,c"], "--widths"),
         (g + ["--out", fresh, "--blocks", "0"], "--blocks"), (g + ["--out", fresh, "--emb-dim", "0"], "--emb-dim"),
-        (g + ["--out", fresh, "--p-uncond", "5"], "--p-uncond"), (g + ["--out", fresh, "--sigma-data", "0"], "--sigma-data"),
-        (g + ["--out", fresh, "--fid-samples", "0"], "--fid-samples"), (g + ["--out", fresh, "--dropout", "2"], "--dropout"),
+        (g + ["--out", fresh, "--p-uncond", "5"], "--p-uncond"),
+        (g + ["--out", fresh, "--sigma-data", "0"], "--sigma-data"),
+        (g + ["--out", fresh, "--fid-samples", "0"], "--fid-samples"),
+        (g + ["--out", fresh, "--dropout", "2"], "--dropout"),
         (c + ["--out", fresh, "--resume"], "holds no checkpoint"),
         *((c + ["--out", folder, "--resume", "--arch", "8,M,16", "--steps", "6", "--batch-size", "8", "--warmup", "2",
                 "--eval-train", "32"], "not a checkpoint") for folder in broken.values()),
         (g + ["--out", fresh, "--sample-only", "--ckpt", os.path.join(broken["garbage"], "run0", "ckpt.pt")],
          "not a checkpoint"),
-        (c + ["--out", "/proc/mm-test-out"], "cannot write"), (c + ["--out", os.path.join(a_file, "sub")], "cannot write"),
+        (c + ["--out", "/proc/mm-test-out"], "cannot write"),
+        (c + ["--out", os.path.join(a_file, "sub")], "cannot write"),
         (["classify", "--data-dir", a_file, "--out", fresh], "is a file"),
         (c + ["--out", paused, "--resume", "--pause-at", "2", "--arch", "8,M,16", "--steps", "6", "--batch-size", "8",
               "--warmup", "2", "--eval-train", "32"], "--pause-at 2"),
         (c + ["--out", finished, "--resume", "--steps", "60"], "--steps"),
-        (v + ["--out", finished_vgg, "--resume", "--depth", "8", "--batch-size", "4", "--val-size", "4", "--epochs", "5"],
+        (v + ["--out", finished_vgg, "--resume", "--depth", "8", "--batch-size", "4", "--val-size", "4",
+              "--epochs", "5"],
          "--epochs"),
     ]
     fid_cases = [
-        ([images, images, "--batch-size", "-1"], "--batch-size"), ([images, images, "--batch-size", "0"], "--batch-size"),
+        ([images, images, "--batch-size", "-1"], "--batch-size"),
+        ([images, images, "--batch-size", "0"], "--batch-size"),
         ([images, images, "--weights", weights], "left as it is"), ([not_png, images], "not a readable image"),
         ([stats, images], "--dims"), ([images, "--save-stats", os.path.join(fresh, "s.npz")], "does not exist"),
         ([images, images, "--dims", "7"], "--dims"),
@@ -1112,7 +1142,8 @@ def test_loops_have_no_per_step_sync_and_loads_stay_on_cpu():
             if text.startswith(("torch.tensor(", "torch.as_tensor(", "torch.from_numpy(")):
                 raise AssertionError(f"mm.py:{child.lineno} makes a tensor from Python data inside a step loop")
             if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute) and not guarded:
-                assert child.func.attr not in ("item", "tolist", "cpu", "numpy"), f"mm.py:{child.lineno} syncs every step"
+                syncs = ("item", "tolist", "cpu", "numpy")
+                assert child.func.attr not in syncs, f"mm.py:{child.lineno} syncs every step"
             check(child, guarded or isinstance(child, ast.If))
 
     for loop in step_loops:
@@ -1386,7 +1417,8 @@ def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
     v = json.load(open(os.path.join(runs["gradflow"], "metrics.json")))
     assert f"{100 * v['table'][0]['test_acc_mean']:.2f} ± {100 * v['table'][0]['test_acc_std']:.2f}" in md
     for name in ("classifier_accuracy", "depth_loss", "depth_accuracy", "depth_gradflow"):
-        assert os.path.getsize(os.path.join(out, name + ".png")) > 1000 and os.path.exists(os.path.join(out, name + ".csv"))
+        assert os.path.getsize(os.path.join(out, name + ".png")) > 1000
+        assert os.path.exists(os.path.join(out, name + ".csv"))
         assert f"{{{name}.png}}" in tex
     for name in ("generator_samples.png", "generator_interpolations.png", "generator_neighbours.png"):
         assert os.path.exists(os.path.join(out, name)) and name in tex
@@ -1448,7 +1480,8 @@ def test_prdc_matches_the_reference_package():
     except ImportError:
         raise Skip("prdc (and scikit-learn) not importable") from None
     rng = np.random.default_rng(3)
-    real, fake = rng.normal(size=(300, 64)).astype(np.float32), (rng.normal(size=(200, 64)) * 1.1 + 0.2).astype(np.float32)
+    real = rng.normal(size=(300, 64)).astype(np.float32)
+    fake = (rng.normal(size=(200, 64)) * 1.1 + 0.2).astype(np.float32)
     for k in (3, 5):
         ref, _ = quiet(prdc.compute_prdc, real, fake, k)
         ours = fid.prdc(real, fake, k, chunk=97)
@@ -1492,8 +1525,9 @@ def test_fid_cli_prints_the_whole_panel():
     weights = os.path.join(d, "w.pth")
     torch.save(fid.FIDInceptionV3().state_dict(), weights)  # random weights: the panel's plumbing, not its values
     env = dict(os.environ, MM_TRUST_LOCAL="1")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "fid.py"), os.path.join(d, "a.npy"), os.path.join(d, "b.npy"),
-                        "--all", "--dims", "64", "--weights", weights], capture_output=True, text=True, timeout=300, env=env)
+    args = [os.path.join(d, "a.npy"), os.path.join(d, "b.npy"), "--all", "--dims", "64", "--weights", weights]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "fid.py"), *args], capture_output=True, text=True,
+                       timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     for key in ("fid", "clean_fid", "kid_mean", "precision", "recall", "density", "coverage"):
         assert any(line.split()[:1] == [key] for line in r.stdout.splitlines()), (key, r.stdout)
