@@ -1743,19 +1743,23 @@ def report(cfg):
     if not (cfg.classify or cfg.generate or cfg.gradflow):
         raise UserError("name at least one finished run: --classify DIR, --generate DIR or --gradflow DIR")
     check_out(cfg.out, has_run=False)
-    os.makedirs(cfg.out, exist_ok=True)
-    rep = Report(cfg.out)
+    found = {command: read_metrics(folder, command) if folder else None
+             for command, folder in (("classify", cfg.classify), ("generate", cfg.generate), ("gradflow", cfg.gradflow))}
+    if not any(found.values()):
+        raise UserError("none of the named runs has finished (no metrics.json); nothing to report")
     ablation = []
     if cfg.ablation and os.path.isdir(cfg.ablation):
         for name in sorted(os.listdir(cfg.ablation)):
-            found = read_metrics(os.path.join(cfg.ablation, name), "classify")
-            ablation += [(name, found)] if found else []
-    for folder, command, write in ((cfg.classify, "classify", lambda m: report_classifier(rep, m, ablation)),
-                                   (cfg.generate, "generate", lambda m: report_generator(rep, m, cfg.generate)),
-                                   (cfg.gradflow, "gradflow", lambda m: report_depth_study(rep, m, cfg.gradflow))):
-        found = read_metrics(folder, command) if folder else None
-        if found:
-            write(found)
+            row = read_metrics(os.path.join(cfg.ablation, name), "classify")
+            ablation += [(name, row)] if row else []
+    os.makedirs(cfg.out, exist_ok=True)
+    rep = Report(cfg.out)
+    if found["classify"]:
+        report_classifier(rep, found["classify"], ablation)
+    if found["generate"]:
+        report_generator(rep, found["generate"], cfg.generate)
+    if found["gradflow"]:
+        report_depth_study(rep, found["gradflow"], cfg.gradflow)
     with open(os.path.join(cfg.out, "report.md"), "w") as f:
         f.write("# Results\n\n" + "\n".join(rep.md))
     with open(os.path.join(cfg.out, "report.tex"), "w") as f:  # \input{report} inside a paper with booktabs, graphicx
