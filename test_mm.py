@@ -1503,15 +1503,24 @@ def test_kid_matches_torch_fidelity():
     assert abs(std / ref["kernel_inception_distance_std"] - 1) < 1e-9
 
 
-def test_clean_resize_clips_like_clean_fid():
+def clipped_edge():
     edge = np.zeros((1, 3, 32, 32), np.uint8)
     edge[..., 16:] = 255  # a hard edge: bicubic overshoots below 0 and above 255 beside it
-    out = fid.clean_resize(torch.from_numpy(edge))
-    assert out.min() == 0.0 and out.max() == 1.0  # clipped back, as clean-fid does
+    return edge
+
+
+def test_clean_resize_clips_its_overshoot():
+    out = fid.clean_resize(torch.from_numpy(clipped_edge()))
+    assert out.min() == 0.0 and out.max() == 1.0  # clipped back to [0, 255] / 255, as clean-fid does
+
+
+def test_clean_resize_matches_clean_fid():
     try:
         from cleanfid.resize import make_resizer
     except ImportError:
-        raise Skip("clean-fid not importable (the clipping was checked)") from None
+        raise Skip("clean-fid not importable") from None
+    edge = clipped_edge()
+    out = fid.clean_resize(torch.from_numpy(edge))
     ref = make_resizer("PIL", False, "bicubic", (299, 299))(edge[0].transpose(1, 2, 0)).transpose(2, 0, 1) / 255.0
     assert np.abs(out[0].numpy() - ref).max() < 1e-7
 
