@@ -1093,14 +1093,13 @@ def interpolations(net, cfg, hw, seed, pairs=8, frames=10):
 def nearest_neighbours(samples, train_u8, k=3, sample_feats=None, train_feats=None):
     """Pixel-L2 (and, given Inception features, feature-L2) nearest training images of each sample.
 
-    Distances are exact (cdist without its matmul shortcut, which loses digits, more so under TF32).
+    Distances come from fid.pairwise_distances in float64, the same ones the copy rate uses.
     """
-    a = samples.float().flatten(1)  # (S, 3072)
+    a = samples.double().flatten(1)  # (S, 3072)
     best_d, best_i = [], []
     for i in range(0, len(train_u8), 10_000):  # chunks keep the (S, chunk) distance matrix small
-        chunk = train_u8[i:i + 10_000].float().flatten(1).to(a.device)
-        d = torch.cdist(a, chunk, compute_mode="donot_use_mm_for_euclid_dist")
-        dd, ii = d.topk(k, dim=1, largest=False)
+        chunk = train_u8[i:i + 10_000].double().flatten(1).to(a.device)
+        dd, ii = fid.pairwise_distances(a, chunk).topk(k, dim=1, largest=False)
         best_d.append(dd)
         best_i.append(ii + i)
     d, idx = torch.cat(best_d, 1), torch.cat(best_i, 1)
@@ -1108,7 +1107,7 @@ def nearest_neighbours(samples, train_u8, k=3, sample_feats=None, train_feats=No
     result = {"pixel_l2": d.gather(1, order).tolist(), "pixel_index": idx.gather(1, order).tolist()}
     if sample_feats is not None:
         fs, ft = (torch.from_numpy(np.asarray(f, np.float64)) for f in (sample_feats, train_feats))
-        dd, ii = torch.cdist(fs, ft, compute_mode="donot_use_mm_for_euclid_dist").topk(k, dim=1, largest=False)
+        dd, ii = fid.pairwise_distances(fs, ft).topk(k, dim=1, largest=False)
         result.update(inception_l2=dd.tolist(), inception_index=ii.tolist())
     return result
 
