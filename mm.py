@@ -1327,6 +1327,11 @@ COMPARISONS = [  # the five reference configurations and their published train /
 ]
 
 
+def run_folder(out, name):
+    """OUT/<configuration>, e.g. 'VGG_38 + BN (lr 1e-2)' -> OUT/VGG_38_BN_lr_1e_2; the report reads it back."""
+    return os.path.join(out, re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"))
+
+
 def cosine_epoch_lr(epoch, cfg):
     """Cosine annealing per epoch (Loshchilov & Hutter 2017), as the coursework's CosineAnnealingLR steps it."""
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
@@ -1448,7 +1453,7 @@ def gradflow(cfg):
     plan = []  # (configuration, its config, the run folders of its seeds)
     for config in configs:
         run_cfg = replace(cfg, depth=config.depth, bn=config.bn, residual=config.residual, lr=config.lr)
-        folder = os.path.join(cfg.out, re.sub(r"[^A-Za-z0-9]+", "_", config.name).strip("_"))
+        folder = run_folder(cfg.out, config.name)
         plan.append((config, run_cfg, [os.path.join(folder, f"seed{cfg.seed + r}") for r in range(cfg.runs)]))
         for run_dir in plan[-1][2]:  # a checkpoint that cannot be continued is refused before any work
             if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
@@ -1702,7 +1707,7 @@ def report_depth_study(rep, m, folder):
     rep.heading("Depth study (CIFAR-100)")
     runs = {}  # configuration name -> its runs' metrics, read from OUT/<configuration>/seed*/metrics.json
     for row in m["table"]:
-        sub = os.path.join(folder, re.sub(r"[^A-Za-z0-9]+", "_", row["name"]).strip("_"))
+        sub = run_folder(folder, row["name"])
         runs[row["name"]] = [json.load(open(os.path.join(sub, d, "metrics.json"))) for d in sorted(os.listdir(sub))
                              if os.path.isfile(os.path.join(sub, d, "metrics.json"))]
     table = []
