@@ -1596,7 +1596,7 @@ class ReportConfig:
     classify: str = ""  # a finished classify run folder (empty: leave the classifier out)
     generate: str = ""  # a finished generate run folder (empty: leave the generator out)
     gradflow: str = ""  # a finished gradflow run folder, e.g. from --compare (empty: leave the depth study out)
-    ablation: str = ""  # a folder whose sub-folders are finished classify runs, one ablation row each
+    ablation: str = ""  # a folder of finished classify runs; one row per recipe, its seeds pooled (mean ± std)
     out: str = "runs/report"  # folder for report.md, report.tex, the figures (PNG, 300 dpi) and their CSVs
 
 
@@ -1662,6 +1662,50 @@ def mean_band(curves, key):
     return mean.tolist(), ((mean - std).tolist(), (mean + std).tolist())
 
 
+def recipe_flags(config):
+    """The flags that set a classify run's recipe apart from today's defaults, e.g. "--train-on train"
+    ("(default)" if none). The seed, folders, logging and hardware (RESUME_FREE) are not part of a recipe."""
+    flags = []
+    for key, default in asdict(ClassifyConfig()).items():
+        value = config.get(key, default)  # a field older than the run's config: it ran with the default
+        if key in RESUME_FREE["classify"] or key == "seed" or value == default:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    return " ".join(flags) or "(default)"
+
+
+def ablation_rows(folder):
+    """The ablation table from the finished classify runs in folder's sub-folders: one row per recipe, its
+    seeds pooled, whether they ran as one `--runs N` folder or as one folder per seed; best test first."""
+    recipes = {}  # recipe flags -> {seed: that run's result}
+    for name in sorted(os.listdir(folder)):
+        if not os.path.isdir(os.path.join(folder, name)):
+            continue
+        m = read_metrics(os.path.join(folder, name), "classify")
+        if m is None:
+            continue
+        seeds = recipes.setdefault(recipe_flags(m["config"]), {})
+        for run in m["per_run"]:
+            if run["seed"] in seeds:  # the same recipe and seed twice would count one result as two
+                print(f"classify: {name} repeats seed {run['seed']} of its recipe; counted once")
+            seeds.setdefault(run["seed"], run)
+    rows = []
+    for flags, seeds in recipes.items():
+        runs = [seeds[s] for s in sorted(seeds)]
+        stat = lambda key: mean_std([r[key] for r in runs])
+        rows.append({"recipe": flags, "seeds": len(runs), "test": stat("test_acc")[0],
+                     "train loss": "{:.4f} ± {:.4f}".format(*stat("train_loss")),
+                     "train acc %": percent(stat("train_acc")), "test acc %": percent(stat("test_acc")),
+                     "single view %": percent(stat("test_acc_single_view")),
+                     "gap (points)": "{:.2f} ± {:.2f}".format(*(100 * v for v in mean_std(
+                         [r["train_acc"] - r["test_acc"] for r in runs])))})
+    return sorted(rows, key=lambda row: -row["test"])
+
+
 def report_classifier(rep, m, ablation):
     rep.heading("Classifier (AddNIST)")
     rep.line(penalty_line(m["params"], CLASSIFY_PARAM_LIMIT, m["steps"], CLASSIFY_STEP_LIMIT))
@@ -1681,9 +1725,13 @@ def report_classifier(rep, m, ablation):
     rep.figure("classifier_accuracy.png", f"Train and test accuracy over training: mean across {n} seed(s), "
                                           f"shaded ± one standard deviation.")
     if ablation:
-        rep.table("Ablation at the full budget: test accuracy, mean ± std (n)",
-                  [{"row": name, "n": a["runs"], "train acc %": percent((a["train_acc_mean"], a["train_acc_std"])),
-                    "test acc %": percent((a["test_acc_mean"], a["test_acc_std"]))} for name, a in ablation])
+        rep.table("Ablation: one row per recipe (its flags on top of the defaults), mean ± std over its seeds, "
+                  "best test accuracy first", [{k: v for k, v in row.items() if k != "test"} for row in ablation])
+        best = ablation[0]
+        default = [row for row in ablation if row["recipe"] == "(default)"]
+        rep.line(f"best row: {best['recipe']} ({best['test acc %']} %, n={best['seeds']})" +
+                 ("" if not default or default[0] is best else
+                  f"; the default recipe is {100 * (best['test'] - default[0]['test']):.2f} points below it"))
 
 
 def report_generator(rep, m, folder):
@@ -1751,11 +1799,9 @@ def report(cfg):
              for command, folder in (("classify", cfg.classify), ("generate", cfg.generate), ("gradflow", cfg.gradflow))}
     if not any(found.values()):
         raise UserError("none of the named runs has finished (no metrics.json); nothing to report")
-    ablation = []
-    if cfg.ablation and os.path.isdir(cfg.ablation):
-        for name in sorted(os.listdir(cfg.ablation)):
-            row = read_metrics(os.path.join(cfg.ablation, name), "classify")
-            ablation += [(name, row)] if row else []
+    if cfg.ablation and not os.path.isdir(cfg.ablation):
+        raise UserError(f"--ablation {cfg.ablation} is not a folder")
+    ablation = ablation_rows(cfg.ablation) if cfg.ablation else []
     os.makedirs(cfg.out, exist_ok=True)
     rep = Report(cfg.out)
     if found["classify"]:

@@ -1409,6 +1409,8 @@ def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
     runs = {name: tmpdir() for name in ("classify", "generate", "gradflow", "ablation")}
     quiet(mm.classify, tiny_cfg(root, runs["classify"], runs=2))
     quiet(mm.classify, tiny_cfg(root, os.path.join(runs["ablation"], "shifts_only"), elastic=0.0))
+    for seed in (0, 1):  # one recipe run as two single-seed folders: the table pools them into one row
+        quiet(mm.classify, tiny_cfg(root, os.path.join(runs["ablation"], f"base_s{seed}"), seed=seed))
     os.makedirs(os.path.join(runs["ablation"], "unfinished"))
     with tiny_cifar() as croot:
         quiet(mm.generate, tiny_gen_cfg(croot, runs["generate"]))
@@ -1424,6 +1426,17 @@ def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
     assert f"{c['train_loss_mean']:.4f} ± {c['train_loss_std']:.4f}" in md and "penalty: 0 marks" in md
     g = json.load(open(os.path.join(runs["generate"], "metrics.json")))
     assert f"NFE {g['nfe']}" in md and f"{g['pixel_copy_rate']:.4g}" in md and "| fid | null |" in md
+    pooled = [json.load(open(os.path.join(runs["ablation"], f"base_s{s}", "metrics.json")))["per_run"][0]
+              for s in (0, 1)]
+    base = mm.recipe_flags(json.load(open(os.path.join(runs["ablation"], "base_s0", "metrics.json")))["config"])
+    assert "--arch 8,M,16" in base and "--seed" not in base and "--out" not in base  # recipe flags only
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in md.splitlines() if line.startswith("| --")}
+    shifts = mm.recipe_flags(json.load(open(os.path.join(runs["ablation"], "shifts_only", "metrics.json")))["config"])
+    assert set(rows) == {base, shifts} and shifts.replace(" --elastic 0", "") == base, rows  # the flag names the lever
+    test = mm.mean_std([r["test_acc"] for r in pooled])
+    assert rows[base][:4] == ["2", "{:.4f} ± {:.4f}".format(*mm.mean_std([r["train_loss"] for r in pooled])),
+                              mm.percent(mm.mean_std([r["train_acc"] for r in pooled])), mm.percent(test)]
+    assert "best row: " in md
     v = json.load(open(os.path.join(runs["gradflow"], "metrics.json")))
     assert f"{100 * v['table'][0]['test_acc_mean']:.2f} ± {100 * v['table'][0]['test_acc_std']:.2f}" in md
     for name in ("classifier_accuracy", "depth_loss", "depth_accuracy", "depth_gradflow"):
