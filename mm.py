@@ -1701,8 +1701,7 @@ def ablation_rows(folder):
                      "train loss": "{:.4f} ± {:.4f}".format(*stat("train_loss")),
                      "train acc %": percent(stat("train_acc")), "test acc %": percent(stat("test_acc")),
                      "single view %": percent(stat("test_acc_single_view")),
-                     "gap (points)": "{:.2f} ± {:.2f}".format(*(100 * v for v in mean_std(
-                         [r["train_acc"] - r["test_acc"] for r in runs])))})
+                     "gap (points)": percent(mean_std([r["train_acc"] - r["test_acc"] for r in runs]))})
     return sorted(rows, key=lambda row: -row["test"])
 
 
