@@ -59,6 +59,7 @@ class ClassifyConfig:
     # model
     model: str = "digits"  # digits: a shared digit CNN per channel, sum by convolution | plain: one CNN on all 3
     arch: str = "32,M,48,M,64,96"  # 3x3 conv/BN/ReLU widths; M = 2x2 max pool, S48 = stride-2 conv, R64 = residual pair
+    head: str = "gap"  # gap: global average pool + linear | flatten: the whole final map + linear (more params)
     dropout: float = 0.0  # dropout before the digit head's linear layer
     # optimisation
     batch_size: int = 64  # AddNIST images per step (3 digits each)
@@ -187,8 +188,9 @@ RESUME_FREE = {
                  "sample_every", "log_every", "device", "precision", "deterministic", "compile", "resume",
                  "sample_only", "pause_at", "ckpt"},
 }
-CHOICES = {"model": ("digits", "plain"), "train_on": ("train", "train+valid"), "device": ("auto", "cpu", "cuda"),
-           "depth": (8, 38), "precision": ("auto", "fp32", "bf16", "fp16"), "compile": ("auto", "on", "off")}
+CHOICES = {"model": ("digits", "plain"), "head": ("gap", "flatten"), "train_on": ("train", "train+valid"),
+           "device": ("auto", "cpu", "cuda"), "depth": (8, 38), "precision": ("auto", "fp32", "bf16", "fp16"),
+           "compile": ("auto", "on", "off")}
 
 # ---------------------------------------------------------------------------------------------
 # Training utilities: the run plumbing every command shares. Each helper is called visibly from the
@@ -312,8 +314,9 @@ def load_checkpoint(path, command, cfg=None):
     if not isinstance(ck, dict) or ck.get("command") != command:
         raise UserError(f"{path} is not a checkpoint of `mm.py {command}`; point at one it wrote, or start a new run")
     if cfg is not None:
-        trained = ck["config"]
-        differ = [k for k in asdict(cfg) if k not in RESUME_FREE[command] and trained.get(k) != getattr(cfg, k)]
+        # a field newer than the checkpoint was not there when it trained: it ran with that field's default
+        trained = {**asdict(type(cfg)()), **ck["config"]}
+        differ = [k for k in asdict(cfg) if k not in RESUME_FREE[command] and trained[k] != getattr(cfg, k)]
         if differ:
             flags = lambda values: " ".join(f"--{k.replace('_', '-')} {values[k]}" for k in differ)
             raise UserError(f"{path} was trained with {flags(trained)}, not {flags(asdict(cfg))}; resume with the "
@@ -527,18 +530,22 @@ class ResidualPair(nn.Module):
         return F.relu(x + self.body(x))
 
 
-def conv_trunk(arch, in_ch, n_out, dropout=0.0, size=28):
-    """VGG-style spec '32,M,64' -> 3x3 conv/BN/ReLU layers and 2x2 max pools, then global avg pool + linear.
+def conv_trunk(arch, in_ch, n_out, dropout=0.0, size=28, head="gap"):
+    """VGG-style spec '32,M,64' -> 3x3 conv/BN/ReLU layers and 2x2 max pools, then a head: global average
+    pool + linear (head="gap"), or flatten the final (channels, side, side) map + linear (head="flatten").
 
     Tokens: a width w is a 3x3 conv to w channels; M halves the map with a 2x2 max pool; Sw is a stride-2
     3x3 conv to w channels (a learned downsampling); Rw is a residual pair of convs at the current width w.
-    `size` is the input's side, to refuse a spec that shrinks the map below one pixel.
+    `size` is the input's side; it is tracked to size the flatten head and to refuse a spec that shrinks
+    the map below one pixel.
     """
     layers, channels = [], in_ch
     for token in arch.upper().replace(" ", "").split(","):
         kind, width = (token[0], token[1:]) if token[:1] in ("S", "R") else ("C", token)
-        if token == "M" or kind == "S":
-            size //= 2
+        if token == "M":
+            size //= 2  # a 2x2 pool floors: 7 -> 3
+        elif kind == "S":
+            size = (size - 1) // 2 + 1  # a stride-2 3x3 conv with padding 1 rounds up: 7 -> 4
         if size < 1:
             raise UserError(f"--arch {arch}: its downsamplings shrink the 28x28 input below 1 pixel")
         if token == "M":
@@ -553,8 +560,10 @@ def conv_trunk(arch, in_ch, n_out, dropout=0.0, size=28):
             layers += [nn.Conv2d(channels, int(width), 3, stride, padding=1, bias=False), nn.BatchNorm2d(int(width)),
                        nn.ReLU(inplace=True)]
             channels = int(width)
-    head = [nn.Dropout(dropout)] if dropout > 0 else []
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), *head, nn.Linear(channels, n_out))
+    pool = [nn.AdaptiveAvgPool2d(1)] if head == "gap" else []  # (N, C, s, s) -> (N, C, 1, 1)
+    features = channels if head == "gap" else channels * size * size
+    drop = [nn.Dropout(dropout)] if dropout > 0 else []
+    return nn.Sequential(*layers, *pool, nn.Flatten(), *drop, nn.Linear(features, n_out))
 
 
 # SUM_MASK[k, i] = 0 where the digit triple i = (a, b, c) (flattened) sums to k + 1, else -inf.  (20, 1000)
@@ -578,9 +587,9 @@ def sum_log_probs(digit_logits, mask=SUM_MASK):
 class DigitSumNet(nn.Module):
     """One digit network shared by the three channels; outputs log P(sum) over the 20 AddNIST classes."""
 
-    def __init__(self, arch, dropout=0.0):
+    def __init__(self, arch, dropout=0.0, head="gap"):
         super().__init__()
-        self.digit = conv_trunk(arch, in_ch=1, n_out=10, dropout=dropout)
+        self.digit = conv_trunk(arch, in_ch=1, n_out=10, dropout=dropout, head=head)
         self.register_buffer("sum_mask", SUM_MASK.clone(), persistent=False)  # follows .to(device), not saved
 
     def forward(self, x):  # (B, 3, 28, 28) -> (B, 20)
@@ -591,8 +600,9 @@ class DigitSumNet(nn.Module):
 
 def make_classifier(cfg):
     if cfg.model == "digits":
-        return DigitSumNet(cfg.arch, cfg.dropout)
-    return conv_trunk(cfg.arch, in_ch=3, n_out=20, dropout=cfg.dropout)  # the plain baseline: all three digits at once
+        return DigitSumNet(cfg.arch, cfg.dropout, cfg.head)
+    # the plain baseline: one CNN sees all three digits at once
+    return conv_trunk(cfg.arch, in_ch=3, n_out=20, dropout=cfg.dropout, head=cfg.head)
 
 
 def augment_digits(x, cfg, background, strength=1.0):
@@ -1705,7 +1715,7 @@ def ablation_rows(folder):
     return sorted(rows, key=lambda row: -row["test"])
 
 
-def report_classifier(rep, m, ablation):
+def report_classifier(rep, m):
     rep.heading("Classifier (AddNIST)")
     rep.line(penalty_line(m["params"], CLASSIFY_PARAM_LIMIT, m["steps"], CLASSIFY_STEP_LIMIT))
     n = m["runs"]
@@ -1723,14 +1733,18 @@ def report_classifier(rep, m, ablation):
               "accuracy", percent=True)
     rep.figure("classifier_accuracy.png", f"Train and test accuracy over training: mean across {n} seed(s), "
                                           f"shaded ± one standard deviation.")
-    if ablation:
-        rep.table("Ablation: one row per recipe (its flags on top of the defaults), mean ± std over its seeds, "
-                  "best test accuracy first", [{k: v for k, v in row.items() if k != "test"} for row in ablation])
-        best = ablation[0]
-        default = [row for row in ablation if row["recipe"] == "(default)"]
-        rep.line(f"best row: {best['recipe']} ({best['test acc %']} %, n={best['seeds']})" +
-                 ("" if not default or default[0] is best else
-                  f"; the default recipe is {100 * (best['test'] - default[0]['test']):.2f} points below it"))
+
+
+def report_ablation(rep, ablation, under_classifier):
+    if not under_classifier:  # the table alone, without a --classify run's section to sit in
+        rep.heading("Classifier ablation (AddNIST)")
+    rep.table("Ablation: one row per recipe (its flags on top of the defaults), mean ± std over its seeds, "
+              "best test accuracy first", [{k: v for k, v in row.items() if k != "test"} for row in ablation])
+    best = ablation[0]
+    default = [row for row in ablation if row["recipe"] == "(default)"]
+    rep.line(f"best row: {best['recipe']} ({best['test acc %']} %, n={best['seeds']})" +
+             ("" if not default or default[0] is best else
+              f"; the default recipe is {100 * (best['test'] - default[0]['test']):.2f} points below it"))
 
 
 def report_generator(rep, m, folder):
@@ -1791,20 +1805,26 @@ def report_depth_study(rep, m, folder):
 
 def report(cfg):
     """`python mm.py report`: report.md and report.tex with every table and figure the two papers need."""
-    if not (cfg.classify or cfg.generate or cfg.gradflow):
-        raise UserError("name at least one finished run: --classify DIR, --generate DIR or --gradflow DIR")
+    if not (cfg.classify or cfg.generate or cfg.gradflow or cfg.ablation):
+        raise UserError("name at least one finished run: --classify DIR, --generate DIR, --gradflow DIR "
+                        "or --ablation DIR")
     check_out(cfg.out, has_run=False)
     found = {command: read_metrics(folder, command) if folder else None
              for command, folder in (("classify", cfg.classify), ("generate", cfg.generate), ("gradflow", cfg.gradflow))}
-    if not any(found.values()):
-        raise UserError("none of the named runs has finished (no metrics.json); nothing to report")
     if cfg.ablation and not os.path.isdir(cfg.ablation):
         raise UserError(f"--ablation {cfg.ablation} is not a folder")
     ablation = ablation_rows(cfg.ablation) if cfg.ablation else []
+    if cfg.ablation and not ablation:
+        raise UserError(f"--ablation {cfg.ablation} has no sub-folder holding a finished classify run "
+                        f"(metrics.json); nothing to tabulate")
+    if not any(found.values()) and not ablation:
+        raise UserError("none of the named runs has finished (no metrics.json); nothing to report")
     os.makedirs(cfg.out, exist_ok=True)
     rep = Report(cfg.out)
     if found["classify"]:
-        report_classifier(rep, found["classify"], ablation)
+        report_classifier(rep, found["classify"])
+    if ablation:
+        report_ablation(rep, ablation, under_classifier=bool(found["classify"]))
     if found["generate"]:
         report_generator(rep, found["generate"], cfg.generate)
     if found["gradflow"]:

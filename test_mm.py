@@ -364,6 +364,24 @@ def test_sum_head_reads_certain_digits():
     assert mm.sum_log_probs(logits).argmax(1).tolist() == (digits.sum(1) - 1).tolist()
 
 
+def test_trunk_parameter_counts_and_head_sizes_are_analytic():
+    # Default digit trunk 32,M,48,M,64,96 + GAP head, counted by hand: a 3x3 conv has 9*in*out weights (no
+    # bias, BN follows), BN has 2*out, the linear head (in + 1) * 10.
+    convs = [(1, 32), (32, 48), (48, 64), (64, 96)]
+    by_hand = sum(9 * i * o + 2 * o for i, o in convs) + (96 + 1) * 10
+    assert mm.count_params(mm.make_classifier(mm.ClassifyConfig())) == by_hand == 98_506
+    # The flatten head reads the whole final map; the trunk tracks its side: 28 -M-> 14 -M-> 7 -M-> 3, and a
+    # stride-2 conv rounds up where a pool floors: 28 -S-> 14 -S-> 7 -S-> 4.
+    for arch, side, width in (("32,M,48,M,64,84,M", 3, 84), ("8,S16,S16,S8", 4, 8), ("8,M,8,R8", 14, 8)):
+        net = mm.make_classifier(mm.ClassifyConfig(arch=arch, head="flatten"))
+        linear = net.digit[-1]
+        assert linear.in_features == width * side * side, (arch, linear.in_features)
+        assert net(torch.randn(2, 3, 28, 28)).shape == (2, 20)  # the side it was sized for is the real one
+        gap = mm.make_classifier(mm.ClassifyConfig(arch=arch))
+        assert mm.count_params(net) - mm.count_params(gap) == (width * side * side - width) * 10
+    assert mm.count_params(mm.make_classifier(mm.ClassifyConfig(arch="32,M,48,M,64,84,M", head="flatten"))) == 98_170
+
+
 def test_augment_identity_and_background():
     cfg = mm.ClassifyConfig(shift=0, rotate=0, zoom=0, elastic=0)
     x = torch.randn(4, 3, 28, 28)
@@ -855,6 +873,16 @@ def test_classify_resume_refuses_another_schedule():
     assert open(os.path.join(out, "run0", "ckpt.pt"), "rb").read() == before  # refusals leave it untouched
     _, log = quiet(mm.classify, tiny_cfg(root, out, resume=True, log_every=1, eval_every=2))  # free to change
     assert "resuming seed 0 from step 3" in log
+    # A checkpoint written before a config field existed ran with that field's default: it resumes under the
+    # default and is refused under any other value.
+    old = tmpdir()
+    quiet(mm.classify, tiny_cfg(root, old, pause_at=3))
+    path = os.path.join(old, "run0", "ckpt.pt")
+    ck = torch.load(path, weights_only=True)
+    del ck["config"]["head"]
+    torch.save(ck, path)
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, old, resume=True, head="flatten")), "--head gap")
+    assert "resuming seed 0 from step 3" in quiet(mm.classify, tiny_cfg(root, old, resume=True))[1]
 
 
 def test_gradflow_resume_refuses_other_epochs():
@@ -1451,6 +1479,15 @@ def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
         assert depth >= 0
     assert depth == 0 and "\\documentclass" not in tex and "\\begin{document}" not in tex  # \input-safe
     assert tex.count("\\begin{table") == tex.count("\\end{table") == 4  # classifier, ablation, panel, depth
+    # The ablation alone (no --classify) is its own section with the same rows; a folder with no finished
+    # run under it is refused in one line rather than giving an empty table.
+    _, log = quiet(mm.report, mm.ReportConfig(ablation=runs["ablation"], out=(alone := tmpdir())))
+    md_alone = open(os.path.join(alone, "report.md")).read()
+    assert "Classifier ablation" in md_alone and "Classifier (AddNIST)" not in md_alone
+    assert [line for line in md_alone.splitlines() if line.startswith("| --")] == \
+        [line for line in md.splitlines() if line.startswith("| --")]
+    expect_error(lambda: quiet(mm.report, mm.ReportConfig(ablation=runs["generate"], out=tmpdir())),
+                 "no sub-folder holding a finished classify run")
 
 # ---------------------------------------------------------------------------------------------
 # fid.py: the quality panel (KID, precision/recall, density/coverage, copy rate) against closed forms
