@@ -419,8 +419,8 @@ def test_budgets_refused_unless_penalty_accepted():
 def test_overfits_a_tiny_batch():
     root = write_addnist(tmpdir(), n=(16, 16, 16))
     cfg = tiny_cfg(root, tmpdir(), arch="16,M,32,M,64", batch_size=16, steps=120, lr=1e-2, warmup=10,
-                   shift=0, rotate=0, zoom=0, elastic=0, tta=False, ema=0, weight_decay=0, eval_every=120,
-                   log_every=120)
+                   shift=0, rotate=0, zoom=0, elastic=0, tta=False, ema=0, weight_decay=0, label_smoothing=0,
+                   eval_every=120, log_every=120)
     m, _ = quiet(mm.classify, cfg)
     assert m["train_acc_mean"] == 1.0 and m["train_loss_mean"] < 0.05, m["train_loss_mean"]
     assert m["test_acc_mean"] < 0.5  # random labels: nothing to generalise, so the test set stays near chance
