@@ -1481,7 +1481,7 @@ def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
     assert tex.count("\\begin{table") == tex.count("\\end{table") == 4  # classifier, ablation, panel, depth
     # The ablation alone (no --classify) is its own section with the same rows; a folder with no finished
     # run under it is refused in one line rather than giving an empty table.
-    _, log = quiet(mm.report, mm.ReportConfig(ablation=runs["ablation"], out=(alone := tmpdir())))
+    quiet(mm.report, mm.ReportConfig(ablation=runs["ablation"], out=(alone := tmpdir())))
     md_alone = open(os.path.join(alone, "report.md")).read()
     assert "Classifier ablation" in md_alone and "Classifier (AddNIST)" not in md_alone
     assert [line for line in md_alone.splitlines() if line.startswith("| --")] == \
