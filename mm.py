@@ -1708,6 +1708,7 @@ def ablation_rows(folder):
         runs = [seeds[s] for s in sorted(seeds)]
         stat = lambda key: mean_std([r[key] for r in runs])
         rows.append({"recipe": flags, "seeds": len(runs), "test": stat("test_acc")[0],
+                     "per seed": [r["test_acc"] for r in runs],
                      "train loss": "{:.4f} ± {:.4f}".format(*stat("train_loss")),
                      "train acc %": percent(stat("train_acc")), "test acc %": percent(stat("test_acc")),
                      "single view %": percent(stat("test_acc_single_view")),
@@ -1739,12 +1740,17 @@ def report_ablation(rep, ablation, under_classifier):
     if not under_classifier:  # the table alone, without a --classify run's section to sit in
         rep.heading("Classifier ablation (AddNIST)")
     rep.table("Ablation: one row per recipe (its flags on top of the defaults), mean ± std over its seeds, "
-              "best test accuracy first", [{k: v for k, v in row.items() if k != "test"} for row in ablation])
+              "best test accuracy first",
+              [{k: v for k, v in row.items() if k not in ("test", "per seed")} for row in ablation])
     best = ablation[0]
     default = [row for row in ablation if row["recipe"] == "(default)"]
     rep.line(f"best row: {best['recipe']} ({best['test acc %']} %, n={best['seeds']})" +
              ("" if not default or default[0] is best else
               f"; the default recipe is {100 * (best['test'] - default[0]['test']):.2f} points below it"))
+    strip_plot(os.path.join(rep.out, "ablation.png"), [(row["recipe"], row["per seed"]) for row in ablation],
+               "AddNIST ablation: test accuracy of every seed", "test accuracy", highlight="(default)")
+    rep.figure("ablation.png", "Test accuracy of each recipe's seeds (circles), their mean (bar) and ± one "
+                               "standard deviation (whisker); best row on top, the default in red.")
 
 
 def report_generator(rep, m, folder):
@@ -1943,6 +1949,46 @@ def line_plot(path, lines, title, xlabel, ylabel, size=(975, 600), logy=False, p
             lows, highs = line.band or ([""] * len(line.xs), [""] * len(line.xs))
             for x, y, lo, hi in zip(line.xs, line.ys, lows, highs):
                 f.write(f"{line.label},{x},{y},{lo},{hi}\n")
+
+
+def strip_plot(path, rows, title, xlabel, highlight=None, plot_width=900):
+    """One horizontal strip per (label, values) row, top to bottom: every value a hollow dot, the mean a
+    vertical bar with a ± one-std whisker, so a reader sees whether rows differ by more than their seeds
+    do. Values are fractions, drawn as percent; the `highlight` row is red. The figure widens with its
+    labels so the data panel keeps plot_width pixels. Numbers to a CSV beside the PNG (label, value)."""
+    font = ImageFont.load_default(size=24)
+    row_h, top, bottom = 2.2 * font.size, 30 + font.size * 2, font.size * 3 + 10
+    left = 20 + max(font.getlength(label) for label, _ in rows)  # labels sit left of the data
+    width, height = int(left + plot_width + 30), int(top + bottom + row_h * len(rows))
+    spread = [mean_std(vs) for _, vs in rows]  # the axis spans every value and every whisker
+    values = [100 * v for _, vs in rows for v in vs] + [100 * (m + s) for m, s in spread] + \
+        [100 * (m - s) for m, s in spread]
+    x_ticks, x_step = nice_ticks(min(values), max(values))
+    x0, x1 = x_ticks[0], max(x_ticks[-1], x_ticks[0] + 1e-12)
+    px = lambda v: left + (100 * v - x0) / (x1 - x0) * (width - left - 30)  # fraction -> pixel column
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    for v in x_ticks:  # vertical grid lines with their labels
+        x = left + (v - x0) / (x1 - x0) * (width - left - 30)
+        d.line([x, top, x, height - bottom], fill=(225, 225, 225))
+        d.text((x, height - bottom + 6), tick_text(v, x_step), fill="black", font=font, anchor="ma")
+    for i, ((label, vs), (mean, std)) in enumerate(zip(rows, spread)):
+        y = top + row_h * (i + 0.5)
+        colour = PALETTE[1] if label == highlight else PALETTE[0]
+        d.text((left - 10, y), label, fill=colour if label == highlight else "black", font=font, anchor="rm")
+        d.line([px(mean - std), y, px(mean + std), y], fill=colour, width=3)  # ± one std whisker
+        d.line([px(mean), y - row_h / 3, px(mean), y + row_h / 3], fill=colour, width=4)  # the mean
+        for v in vs:
+            r = font.size / 3
+            d.ellipse([px(v) - r, y - r, px(v) + r, y + r], outline="black", width=2)
+    d.rectangle([left, top, width - 30, height - bottom], outline="black")
+    d.text(((left + width - 30) / 2, 4), title, fill="black", font=font, anchor="ma")
+    d.text(((left + width - 30) / 2, height - font.size - 6), xlabel + " (%)", fill="black", font=font, anchor="ma")
+    img.save(path, dpi=(300, 300))
+    with open(os.path.splitext(path)[0] + ".csv", "w") as f:
+        f.write("label,value\n")
+        for label, vs in rows:
+            f.writelines(f"\"{label}\",{v}\n" for v in vs)
 
 
 GRID_TITLE = 24  # pixels of the title bar above an image grid

@@ -1465,6 +1465,11 @@ def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
     assert rows[base][:4] == ["2", "{:.4f} ± {:.4f}".format(*mm.mean_std([r["train_loss"] for r in pooled])),
                               mm.percent(mm.mean_std([r["train_acc"] for r in pooled])), mm.percent(test)]
     assert "best row: " in md
+    # The ablation figure's numbers are each seed's own test accuracy, under its recipe's row.
+    strips = [line.rsplit(",", 1) for line in open(os.path.join(out, "ablation.csv")).read().splitlines()[1:]]
+    assert [float(v) for label, v in strips if label == f'"{base}"'] == [r["test_acc"] for r in pooled]
+    assert len(strips) == 3 and os.path.getsize(os.path.join(out, "ablation.png")) > 1000
+    assert "{ablation.png}" in tex
     v = json.load(open(os.path.join(runs["gradflow"], "metrics.json")))
     assert f"{100 * v['table'][0]['test_acc_mean']:.2f} ± {100 * v['table'][0]['test_acc_std']:.2f}" in md
     for name in ("classifier_accuracy", "depth_loss", "depth_accuracy", "depth_gradflow"):
