@@ -1707,7 +1707,7 @@ def ablation_rows(folder):
     for flags, seeds in recipes.items():
         runs = [seeds[s] for s in sorted(seeds)]
         stat = lambda key: mean_std([r[key] for r in runs])
-        rows.append({"recipe": flags, "seeds": len(runs), "test": stat("test_acc")[0],
+        rows.append({"recipe": flags, "seeds": len(runs), "test": stat("test_acc")[0], "test std": stat("test_acc")[1],
                      "per seed": [r["test_acc"] for r in runs],
                      "train loss": "{:.4f} ± {:.4f}".format(*stat("train_loss")),
                      "train acc %": percent(stat("train_acc")), "test acc %": percent(stat("test_acc")),
@@ -1741,12 +1741,20 @@ def report_ablation(rep, ablation, under_classifier):
         rep.heading("Classifier ablation (AddNIST)")
     rep.table("Ablation: one row per recipe (its flags on top of the defaults), mean ± std over its seeds, "
               "best test accuracy first",
-              [{k: v for k, v in row.items() if k not in ("test", "per seed")} for row in ablation])
+              [{k: v for k, v in row.items() if k not in ("test", "test std", "per seed")} for row in ablation])
     best = ablation[0]
     default = [row for row in ablation if row["recipe"] == "(default)"]
-    rep.line(f"best row: {best['recipe']} ({best['test acc %']} %, n={best['seeds']})" +
-             ("" if not default or default[0] is best else
-              f"; the default recipe is {100 * (best['test'] - default[0]['test']):.2f} points below it"))
+    line = f"best row: {best['recipe']} ({best['test acc %']} %, n={best['seeds']})"
+    if default and default[0] is not best:
+        # Welch's standard error of a difference of two means: sqrt(s1^2/n1 + s2^2/n2). A gap inside two of
+        # them is what reseeding alone moves a mean by, so the sort order there is not a ranking.
+        d = default[0]
+        gap = best["test"] - d["test"]
+        se = math.sqrt(best["test std"] ** 2 / best["seeds"] + d["test std"] ** 2 / d["seeds"])
+        line += (f"; the default recipe is {100 * gap:.2f} points below it (standard error of the difference "
+                 f"{100 * se:.2f}: " + ("more than two standard errors)" if gap > 2 * se else
+                                        "within two standard errors, level with it at these seeds)"))
+    rep.line(line)
     strip_plot(os.path.join(rep.out, "ablation.png"), [(row["recipe"], row["per seed"]) for row in ablation],
                "AddNIST ablation: test accuracy of every seed", "test accuracy", highlight="(default)")
     rep.figure("ablation.png", "Test accuracy of each recipe's seeds (circles), their mean (bar) and ± one "

@@ -1494,6 +1494,27 @@ def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
     expect_error(lambda: quiet(mm.report, mm.ReportConfig(ablation=runs["generate"], out=tmpdir())),
                  "no sub-folder holding a finished classify run")
 
+def test_ablation_best_row_weighs_its_lead_against_seed_noise():
+    # Welch's standard error of a difference of means, by hand: a lead inside two of them is called level.
+    def row(recipe, accs):
+        mean, std = mm.mean_std(accs)
+        return {"recipe": recipe, "seeds": len(accs), "test": mean, "test std": std, "per seed": accs,
+                "test acc %": mm.percent((mean, std))}
+    default = [0.9920, 0.9925, 0.9930, 0.9915, 0.9935]  # mean 0.9925, std 7.9e-4
+    for accs, verdict in (([0.9925, 0.9930, 0.9935], "within two standard errors"),
+                          ([0.9960, 0.9961, 0.9962], "more than two standard errors")):
+        rep = mm.Report(tmpdir())
+        mm.report_ablation(rep, [row("--x 1", accs), row("(default)", default)], under_classifier=False)
+        line = next(text for text in rep.md if text.startswith("best row: --x 1"))
+        se = math.sqrt(np.var(accs, ddof=1) / 3 + np.var(default, ddof=1) / 5)
+        gap = np.mean(accs) - np.mean(default)
+        assert f"{100 * gap:.2f} points below it (standard error of the difference {100 * se:.2f}" in line, line
+        assert verdict in line, line
+    rep = mm.Report(tmpdir())  # the default on top: no comparison to make
+    mm.report_ablation(rep, [row("(default)", default), row("--x 1", [0.99, 0.98])], under_classifier=False)
+    assert next(text for text in rep.md if text.startswith("best row")) == "best row: (default) (99.25 ± 0.08 %, n=5)"
+
+
 # ---------------------------------------------------------------------------------------------
 # fid.py: the quality panel (KID, precision/recall, density/coverage, copy rate) against closed forms
 # and constructed cases, and against the reference packages where they import
