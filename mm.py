@@ -1977,9 +1977,10 @@ def strip_plot(path, rows, title, xlabel, highlight=None, plot_width=900):
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     for v in x_ticks:  # vertical grid lines with their labels
-        x = left + (v - x0) / (x1 - x0) * (width - left - 30)
+        x = px(v / 100)
         d.line([x, top, x, height - bottom], fill=(225, 225, 225))
         d.text((x, height - bottom + 6), tick_text(v, x_step), fill="black", font=font, anchor="ma")
+    dot = font.size / 3  # radius of a seed's circle
     for i, ((label, vs), (mean, std)) in enumerate(zip(rows, spread)):
         y = top + row_h * (i + 0.5)
         colour = PALETTE[1] if label == highlight else PALETTE[0]
@@ -1987,8 +1988,7 @@ def strip_plot(path, rows, title, xlabel, highlight=None, plot_width=900):
         d.line([px(mean - std), y, px(mean + std), y], fill=colour, width=3)  # ± one std whisker
         d.line([px(mean), y - row_h / 3, px(mean), y + row_h / 3], fill=colour, width=4)  # the mean
         for v in vs:
-            r = font.size / 3
-            d.ellipse([px(v) - r, y - r, px(v) + r, y + r], outline="black", width=2)
+            d.ellipse([px(v) - dot, y - dot, px(v) + dot, y + dot], outline="black", width=2)
     d.rectangle([left, top, width - 30, height - bottom], outline="black")
     d.text(((left + width - 30) / 2, 4), title, fill="black", font=font, anchor="ma")
     d.text(((left + width - 30) / 2, height - font.size - 6), xlabel + " (%)", fill="black", font=font, anchor="ma")
