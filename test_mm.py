@@ -1494,6 +1494,7 @@ def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
     expect_error(lambda: quiet(mm.report, mm.ReportConfig(ablation=runs["generate"], out=tmpdir())),
                  "no sub-folder holding a finished classify run")
 
+
 def test_ablation_best_row_weighs_its_lead_against_seed_noise():
     # Welch's standard error of a difference of means, by hand: a lead inside two of them is called level.
     def row(recipe, accs):
