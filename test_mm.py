@@ -1499,7 +1499,7 @@ def test_ablation_best_row_weighs_its_lead_against_seed_noise():
     # Welch's standard error of a difference of means, by hand: a lead inside two of them is called level.
     def row(recipe, accs):
         mean, std = mm.mean_std(accs)
-        return {"recipe": recipe, "seeds": len(accs), "test": mean, "test std": std, "per seed": accs,
+        return {"recipe": recipe, "seeds": len(accs), "test": (mean, std), "per seed": accs,
                 "test acc %": mm.percent((mean, std))}
     default = [0.9920, 0.9925, 0.9930, 0.9915, 0.9935]  # mean 0.9925, std 7.9e-4
     for accs, verdict in (([0.9925, 0.9930, 0.9935], "within two standard errors"),
@@ -1513,7 +1513,8 @@ def test_ablation_best_row_weighs_its_lead_against_seed_noise():
         assert verdict in line, line
     rep = mm.Report(tmpdir())  # the default on top: no comparison to make
     mm.report_ablation(rep, [row("(default)", default), row("--x 1", [0.99, 0.98])], under_classifier=False)
-    assert next(text for text in rep.md if text.startswith("best row")) == "best row: (default) (99.25 ± 0.08 %, n=5)"
+    best_line = next(text for text in rep.md if text.startswith("best row"))
+    assert best_line == "best row: (default) (99.25 ± 0.08 %, n=5)", best_line
 
 
 # ---------------------------------------------------------------------------------------------
