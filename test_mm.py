@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -1516,6 +1517,35 @@ def test_ablation_best_row_weighs_its_lead_against_seed_noise():
     best_line = next(text for text in rep.md if text.startswith("best row"))
     assert best_line == "best row: (default) (99.25 ± 0.08 %, n=5)", best_line
 
+
+
+def test_readme_ablation_commands_parse_and_state_their_parameter_counts():
+    # Readers copy the README's `abl NAME FLAGS` lines: each must parse as classify flags, fit both
+    # budgets, write to its own folder, and build the parameter count its comment states, if it states one.
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    lines = re.findall(r"^abl (\S+) (.*)$", text, flags=re.M)
+    names = [name for name, _ in lines]
+    assert len(lines) >= 10 and len(set(names)) == len(names), names
+    built, original = [], mm.COMMANDS["classify"]
+    mm.COMMANDS["classify"] = (mm.ClassifyConfig, built.append, original[2])  # parse, do not train
+    try:
+        stated_counts = 0
+        for name, rest in lines:
+            flags, _, comment = rest.partition("#")
+            try:
+                mm.main(["classify"] + flags.split())
+            except SystemExit as e:  # a flag that no longer exists: fail this test, not the whole run
+                raise AssertionError(f"abl {name}: {e}") from None
+            cfg = built[-1]
+            n = mm.count_params(mm.make_classifier(cfg))
+            assert n < 100_000 and cfg.steps <= 10_000, (name, n, cfg.steps)
+            stated = re.search(r"\(([\d,]{5,})(?: parameters)?\)", comment)
+            if stated:
+                stated_counts += 1
+                assert n == int(stated.group(1).replace(",", "")), (name, n, stated.group(0))
+        assert stated_counts >= 4  # the trunk-shape rows state theirs
+    finally:
+        mm.COMMANDS["classify"] = original
 
 # ---------------------------------------------------------------------------------------------
 # fid.py: the quality panel (KID, precision/recall, density/coverage, copy rate) against closed forms
