@@ -1518,7 +1518,6 @@ def test_ablation_best_row_weighs_its_lead_against_seed_noise():
     assert best_line == "best row: (default) (99.25 ± 0.08 %, n=5)", best_line
 
 
-
 def test_readme_ablation_commands_parse_and_state_their_parameter_counts():
     # Readers copy the README's `abl NAME FLAGS` lines: each must parse as classify flags, fit both
     # budgets, write to its own folder, and build the parameter count its comment states, if it states one.
@@ -1546,6 +1545,7 @@ def test_readme_ablation_commands_parse_and_state_their_parameter_counts():
         assert stated_counts >= 4  # the trunk-shape rows state theirs
     finally:
         mm.COMMANDS["classify"] = original
+
 
 # ---------------------------------------------------------------------------------------------
 # fid.py: the quality panel (KID, precision/recall, density/coverage, copy rate) against closed forms
