@@ -1525,10 +1525,8 @@ def test_readme_ablation_commands_parse_and_state_their_parameter_counts():
     lines = re.findall(r"^abl (\S+) (.*)$", text, flags=re.M)
     names = [name for name, _ in lines]
     assert len(lines) >= 10 and len(set(names)) == len(names), names
-    built, original = [], mm.COMMANDS["classify"]
-    mm.COMMANDS["classify"] = (mm.ClassifyConfig, built.append, original[2])  # parse, do not train
-    try:
-        stated_counts = 0
+    built, stated_counts = [], 0
+    with patched(mm, COMMANDS={**mm.COMMANDS, "classify": (mm.ClassifyConfig, built.append, "")}):  # parse only
         for name, rest in lines:
             flags, _, comment = rest.partition("#")
             try:
@@ -1542,9 +1540,7 @@ def test_readme_ablation_commands_parse_and_state_their_parameter_counts():
             if stated:
                 stated_counts += 1
                 assert n == int(stated.group(1).replace(",", "")), (name, n, stated.group(0))
-        assert stated_counts >= 4  # the trunk-shape rows state theirs
-    finally:
-        mm.COMMANDS["classify"] = original
+    assert stated_counts >= 4  # the trunk-shape rows state theirs
 
 
 # ---------------------------------------------------------------------------------------------
