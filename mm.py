@@ -66,7 +66,7 @@ class ClassifyConfig:
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 5e-2  # AdamW decoupled weight decay on conv/linear weights
     warmup: int = 300  # steps of linear warm-up, then cosine decay to 0
-    ema: float = 0.999  # decay of the weight average used for evaluation (0 = evaluate the raw weights)
+    ema: float = 0.999  # decay of the evaluated weight average (0 = raw weights); warm-up reaches 0.999 at step 8,990
     label_smoothing: float = 0.05  # training loss only (true sum: 1 - 0.05 + 0.05/20); reported losses are plain CE
     train_on: str = "train+valid"  # train+valid (60,000 images) | train (45,000); the test split is never trained on
     # augmentation, drawn independently for every digit (channel); no flips, they change digits
@@ -394,6 +394,22 @@ def ema_decay(limit, step):
     """(1 + step)/(10 + step), capped at `limit`: early on, the average would mostly remember the random
     initial weights, so its memory starts short (0.1 at step 0, 0.9 at step 80) and grows to the limit."""
     return min(limit, (1 + step) / (10 + step))
+
+
+def describe_ema(limit, steps):
+    """One line saying which decay the EMA really reaches in a run of `steps` steps. The warm-up reaches
+    decay d at step (10d - 1)/(1 - d): 0.999 at step 8,990, 0.9995 only at step 17,990. So in a
+    10,000-step run a limit above 0.9991 is never reached, and the line says so rather than let the
+    flag look as if it averaged longer. An EMA with decay d remembers about 1/(1 - d) steps."""
+    if limit == 0:
+        return "EMA off (--ema 0): the raw weights are evaluated"
+    last = ema_decay(limit, steps - 1)
+    if last < limit:
+        return (f"EMA decay {limit} is not reached in {steps:,} steps: the warm-up (1+t)/(10+t) ends at "
+                f"{last:.6g}, a memory of about {1 / (1 - last):,.0f} steps")
+    reached = next(t for t in range(steps) if ema_decay(limit, t) >= limit)
+    return f"EMA decay {limit}, reached at step {reached:,} by the warm-up (1+t)/(10+t): a memory of about " \
+           f"{1 / (1 - limit):,.0f} steps"
 
 
 @torch.no_grad()
@@ -740,6 +756,7 @@ def classify(cfg):
     enforce_budget("Number of optimisation steps", cfg.steps, CLASSIFY_STEP_LIMIT, True, cfg.allow_penalty)
     print(f"> Work per step: {cfg.batch_size} images ({3 * cfg.batch_size} digits); "
           f"{cfg.steps * cfg.batch_size:,} images seen per run, {cfg.runs} run(s)")
+    print(f"> {describe_ema(cfg.ema, cfg.steps)}")
     check_out(cfg.out, holds_checkpoint(cfg.out), cfg.resume)
     run_dirs = [os.path.join(cfg.out, f"run{r}") for r in range(cfg.runs)]
     for run_dir in run_dirs:  # a checkpoint that cannot be continued is refused before any work
@@ -1207,6 +1224,7 @@ def generate(cfg):
     if not cfg.sample_only:
         print(f"> Work per step: {cfg.batch_size} images; {cfg.steps * cfg.batch_size:,} images seen; CIFAR-100 train "
               f"{tuple(x_train.shape)}")
+        print(f"> {describe_ema(cfg.ema, cfg.steps)}")
         trained = train_generator(cfg, net, ema, opt, scaler, x_train, y_train, hw, ckpt_path, trained)
         if trained is None:  # paused
             return None

@@ -1201,6 +1201,21 @@ def test_foreach_ema_equals_the_per_tensor_update():
         assert torch.equal(v, reference[k]), k
 
 
+def test_ema_line_says_whether_the_warm_up_reaches_the_decay():
+    # The warm-up (1+t)/(10+t) first reaches d at t = (10d - 1)/(1 - d): 8,990 for 0.999, 17,990 for 0.9995.
+    for limit, first in ((0.999, 8990), (0.9995, 17990), (0.9, 80)):
+        assert mm.ema_decay(limit, first) == limit > mm.ema_decay(limit, first - 1)
+    assert mm.describe_ema(0.999, 10000).startswith("EMA decay 0.999, reached at step 8,990")
+    assert "about 1,000 steps" in mm.describe_ema(0.999, 10000)
+    assert mm.describe_ema(0.9995, 50000).startswith("EMA decay 0.9995, reached at step 17,990")
+    # 0.9995 in 10,000 steps: the last step's decay is 10,000/10,009, a memory of 10,009/9 = 1,112 steps
+    line = mm.describe_ema(0.9995, 10000)
+    assert line.startswith("EMA decay 0.9995 is not reached in 10,000 steps") and "0.999101" in line, line
+    assert "about 1,112 steps" in line, line
+    assert mm.describe_ema(0.999, 8990).startswith("EMA decay 0.999 is not reached")
+    assert mm.describe_ema(0, 10000).startswith("EMA off")
+
+
 def test_precision_is_picked_per_device():
     out = lambda **kw: quiet(mm.pick_hardware, mm.ClassifyConfig(**kw))[0]
     assert out(device="cpu") == mm.Hardware(torch.device("cpu"), "fp32")  # bf16 convolutions are slow on a CPU
