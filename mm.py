@@ -408,8 +408,8 @@ def describe_ema(limit, steps):
         return (f"EMA decay {limit} is not reached in {steps:,} steps: the warm-up (1+t)/(10+t) ends at "
                 f"{last:.6g}, a memory of about {1 / (1 - last):,.0f} steps")
     reached = next(t for t in range(steps) if ema_decay(limit, t) >= limit)
-    return f"EMA decay {limit}, reached at step {reached:,} by the warm-up (1+t)/(10+t): a memory of about " \
-           f"{1 / (1 - limit):,.0f} steps"
+    return (f"EMA decay {limit}, reached at step {reached:,} by the warm-up (1+t)/(10+t): a memory of about "
+            f"{1 / (1 - limit):,.0f} steps")
 
 
 @torch.no_grad()
