@@ -458,6 +458,51 @@ def quality_panel(real, fake, real_clean=None, fake_clean=None, device="cpu"):
     return panel
 
 
+def score_samples(images, x_train, x_test, device="cpu", data_dir=None, neighbours=8, k=3):
+    """Everything `mm.py generate` reports about its samples (uint8 (N, 3, H, W)), beside the test split
+    (used only here) and the training set: the quality panel (realism and diversity; null, with the reason,
+    when the Inception weights cannot be had), copy rates in pixels and Inception features (uniqueness), and
+    the k nearest training images in pixels of the first `neighbours` samples and of the `neighbours`
+    samples nearest to a training image, for neighbours.png. Test-to-train distances and the reference
+    features are cached in the data folder, so a second call costs one pass over the samples."""
+    cache, metrics = data.data_root(data_dir), {}
+    train_px = x_train.to(device)
+    sample_px = nearest_distances(images, train_px, device=device)  # (N,) pixel L2 to the nearest train image
+    key = {"what": "test-to-train-pixel-l2", "test": digest(x_test), "train": digest(x_train.cpu().numpy())}
+    test_px = cached_array(key, cache, lambda: nearest_distances(x_test, train_px, device=device))
+    metrics["pixel_copy"] = copy_rate(sample_px, test_px)
+    metrics["pixel_copy_rate"] = metrics["pixel_copy"]["copy_rate"]
+    try:
+        inception = load_inception(device, data_dir)
+    except UserError as e:
+        metrics["fid"], metrics["fid_unavailable"] = None, str(e)
+        print(f"FID and the feature panel skipped: {e}")
+    else:
+        test_key, train_key = {"dataset": "cifar100", "split": "test"}, {"dataset": "cifar100", "split": "train"}
+        test_feats = cached_features(x_test, test_key, inception, cache)
+        sample_feats = inception_features(images, inception)
+        clean = (cached_features(x_test, test_key, inception, cache, clean=True),  # clean-fid's resize
+                 inception_features(images, inception, clean=True))
+        metrics.update(quality_panel(test_feats, sample_feats, *clean, device))
+        metrics["fid_protocol"] = "pytorch-fid (Inception pool3, bilinear 299), samples vs the CIFAR-100 test split"
+        train_feats = cached_features(x_train.cpu(), train_key, inception, cache)
+        metrics["inception_copy"] = copy_rate(nearest_distances(sample_feats, train_feats, device=device),
+                                              nearest_distances(test_feats, train_feats, device=device))
+        metrics["inception_copy_rate"] = metrics["inception_copy"]["copy_rate"]
+    shown = list(range(min(neighbours, len(images)))) + [int(i) for i in np.argsort(sample_px)[:neighbours]]
+    query = torch.as_tensor(images[shown]).to(device, torch.float64).flatten(1)
+    best_d, best_i = [], []
+    for i in range(0, len(train_px), 10_000):  # chunks keep the (shown, chunk) distance matrix small
+        d, idx = pairwise_distances(query, train_px[i:i + 10_000].double().flatten(1)).topk(k, dim=1, largest=False)
+        best_d.append(d)
+        best_i.append(idx + i)
+    d, idx = torch.cat(best_d, 1), torch.cat(best_i, 1)
+    order = d.argsort(1)[:, :k]
+    metrics["neighbours"] = {"sample_index": shown, "pixel_l2": d.gather(1, order).tolist(),
+                             "pixel_index": idx.gather(1, order).tolist()}
+    return metrics
+
+
 def print_panel(panel):
     """One line per metric: its value and what it measures."""
     for key, meaning in PANEL_MEANING.items():

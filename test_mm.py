@@ -179,7 +179,7 @@ def tiny_cfg(root, out, **kw):
 
 def tiny_gen_cfg(root, out, **kw):
     base = dict(data_dir=root, out=out, widths="8,16,16", emb_dim=32, steps=6, batch_size=8, warmup=2,
-                sampler_steps=2, fid_samples=16, sample_batch=16, log_every=3, sample_every=1000, device=DEVICE)
+                sampler_steps=2, fid_samples=16, sample_batch=16, log_every=3, device=DEVICE)
     return mm.GenerateConfig(**{**base, **kw})
 
 
@@ -371,16 +371,13 @@ def test_trunk_parameter_counts_and_head_sizes_are_analytic():
     convs = [(1, 32), (32, 48), (48, 64), (64, 96)]
     by_hand = sum(9 * i * o + 2 * o for i, o in convs) + (96 + 1) * 10
     assert mm.count_params(mm.make_classifier(mm.ClassifyConfig())) == by_hand == 98_506
-    # The flatten head reads the whole final map; the trunk tracks its side: 28 -M-> 14 -M-> 7 -M-> 3, and a
-    # stride-2 conv rounds up where a pool floors: 28 -S-> 14 -S-> 7 -S-> 4.
-    for arch, side, width in (("32,M,48,M,64,84,M", 3, 84), ("8,S16,S16,S8", 4, 8), ("8,M,8,R8", 14, 8)):
-        net = mm.make_classifier(mm.ClassifyConfig(arch=arch, head="flatten"))
-        linear = net.digit[-1]
-        assert linear.in_features == width * side * side, (arch, linear.in_features)
-        assert net(torch.randn(2, 3, 28, 28)).shape == (2, 20)  # the side it was sized for is the real one
-        gap = mm.make_classifier(mm.ClassifyConfig(arch=arch))
-        assert mm.count_params(net) - mm.count_params(gap) == (width * side * side - width) * 10
-    assert mm.count_params(mm.make_classifier(mm.ClassifyConfig(arch="32,M,48,M,64,84,M", head="flatten"))) == 98_170
+    # The plain baseline sees 3 channels and outputs 20 classes: 9 * 3 * 8 + 2 * 8 + (8 + 1) * 20
+    assert mm.count_params(mm.make_classifier(mm.ClassifyConfig(model="plain", arch="8"))) == 412
+    for arch in ("8,M,8,M,8,M,8,M", "8,M,8,M,8,M,8,M,8,M"):  # 28 -> 14 -> 7 -> 3 -> 1 fits; one more pool does not
+        if arch.count("M") == 4:
+            assert mm.make_classifier(mm.ClassifyConfig(arch=arch))(torch.randn(2, 3, 28, 28)).shape == (2, 20)
+        else:
+            expect_error(lambda: mm.make_classifier(mm.ClassifyConfig(arch=arch)), "below 1 pixel")
 
 
 def test_augment_identity_and_background():
@@ -443,7 +440,7 @@ def test_classify_resume_is_exact():
     assert quiet(mm.classify, tiny_cfg(root, out2 := tmpdir(), pause_at=3))[0] is None
     assert torch.load(os.path.join(out2, "run0", "ckpt.pt"), weights_only=True)["step"] == 3
     resumed, log = quiet(mm.classify, tiny_cfg(root, out2, resume=True))
-    assert "resuming seed 0 from step 3" in log
+    assert "from step 3" in log
     a = torch.load(os.path.join(out1, "run0", "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(out2, "run0", "ckpt.pt"), weights_only=True)
     assert b["step"] == 6  # 3 + the remaining 3, not 3 + 6
@@ -601,7 +598,7 @@ def tiny_trained_generator():
 
 def test_generate_prints_its_budget_and_records_why_fid_is_missing():
     run = tiny_trained_generator()
-    assert "> Number of parameters" in run["log"] and "EMA" in run["log"]
+    assert "> Number of parameters" in run["log"] and "> Number of optimisation steps" in run["log"]
     m = run["metrics"]
     assert m["fid"] is None and "Inception weights" in m["fid_unavailable"]  # offline: null with the reason
 
@@ -706,7 +703,7 @@ def test_generator_resume_is_exact():
         _, log = quiet(mm.generate, tiny_gen_cfg(root, part, resume=True))
         a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
         b = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
-        assert b["step"] == 6 and "at step 3" in log
+        assert b["step"] == 6 and "from step 3" in log
         for k in a["ema"]:
             assert torch.equal(a["ema"][k], b["ema"][k]), k
         assert np.array_equal(np.load(os.path.join(straight, "samples.npz"))["images"],
@@ -732,7 +729,7 @@ def test_generator_flips_only_when_asked():
         with patched(mm, edm_loss=lambda net, xb, labels, cfg: seen.append((xb, labels))
                      or sum(p.sum() * 0 for p in net.parameters())):  # records the batch; zero loss
             quiet(mm.train_generator, cfg, net, copy.deepcopy(net), opt, mm.grad_scaler(HW), x, y, HW,
-                  os.path.join(cfg.out, "ckpt.pt"), mm.Trained(0, {"step": [], "loss": []}, 0.0))
+                  os.path.join(cfg.out, "ckpt.pt"), dict(step=0, curve={"step": [], "loss": []}, seconds=0.0))
         for xb, labels in seen:
             original = x[labels].float() / 127.5 - 1  # each row's source image (labels are unique here)
             mirrored = (xb == original.flip(3)).flatten(1).all(1)
@@ -821,22 +818,14 @@ def test_gradflow_runs_on_tiny_cifar_and_resumes():
 
 
 def test_interrupt_stops_at_the_next_step():
-    class Pressed(mm.StopFlag):  # as if Ctrl-C came during the first step
-        def __enter__(self):
-            super().__enter__()
-            self.stop = True
-            return self
-
-    root = write_addnist(tmpdir())
-    out = tmpdir()
-    with patched(mm, StopFlag=Pressed):
+    root, out = write_addnist(tmpdir()), tmpdir()
+    with patched(mm, STOP=[2]):  # as if Ctrl-C came during the first step
         expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out)), "interrupted after step 1", "--resume")
     assert torch.load(os.path.join(out, "run0", "ckpt.pt"), weights_only=False)["step"] == 1
-    with tiny_cifar() as croot:
+    with tiny_cifar() as croot, patched(mm, STOP=[2]):
         cfg = tiny_gradflow_cfg(croot, tmpdir())
-        with patched(mm, StopFlag=Pressed):
-            expect_error(lambda: quiet(mm.gradflow, cfg), "interrupted in epoch 1", "no checkpoint yet",
-                         "repeats epoch 1")
+        expect_error(lambda: quiet(mm.gradflow, cfg), "interrupted in epoch 1", "no epoch had finished",
+                     "repeats epoch 1")
         assert not any("ckpt.pt" in f for _, _, fs in os.walk(cfg.out) for f in fs)  # no half-epoch checkpoint
 
 
@@ -873,17 +862,31 @@ def test_classify_resume_refuses_another_schedule():
         flags_in(msg, field, getattr(tiny_cfg(root, out), field), value)
     assert open(os.path.join(out, "run0", "ckpt.pt"), "rb").read() == before  # refusals leave it untouched
     _, log = quiet(mm.classify, tiny_cfg(root, out, resume=True, log_every=1, eval_every=2))  # free to change
-    assert "resuming seed 0 from step 3" in log
+    assert "from step 3" in log
     # A checkpoint written before a config field existed ran with that field's default: it resumes under the
     # default and is refused under any other value.
     old = tmpdir()
     quiet(mm.classify, tiny_cfg(root, old, pause_at=3))
     path = os.path.join(old, "run0", "ckpt.pt")
     ck = torch.load(path, weights_only=True)
-    del ck["config"]["head"]
+    del ck["config"]["label_smoothing"]
     torch.save(ck, path)
-    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, old, resume=True, head="flatten")), "--head gap")
-    assert "resuming seed 0 from step 3" in quiet(mm.classify, tiny_cfg(root, old, resume=True))[1]
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, old, resume=True, label_smoothing=0.2)),
+                 "--label-smoothing 0.05")
+    assert "from step 3" in quiet(mm.classify, tiny_cfg(root, old, resume=True))[1]
+
+
+def test_fp16_resume_and_sample_only_of_a_run_trained_without_fp16():
+    # A T4 continues a run begun on a CPU or an A100: its checkpoint holds an empty GradScaler state,
+    # which must not be loaded into the enabled fp16 scaler (that raised a traceback).
+    root, out = write_addnist(tmpdir()), tmpdir()
+    quiet(mm.classify, tiny_cfg(root, out, pause_at=3))
+    m, log = quiet(mm.classify, tiny_cfg(root, out, resume=True, precision="fp16"))
+    assert "from step 3" in log and m["steps"] == 6 and m["mixed_precision"] == "fp16"
+    with tiny_cifar() as croot:
+        quiet(mm.generate, tiny_gen_cfg(croot, gen := tmpdir()))
+        g, _ = quiet(mm.generate, tiny_gen_cfg(croot, gen, sample_only=True, precision="fp16"))
+    assert g["mixed_precision"] == "fp16" and g["steps"] == 6
 
 
 def test_gradflow_resume_refuses_other_epochs():
@@ -1118,7 +1121,7 @@ def one_step_of_each(hw):
     ema = copy.deepcopy(model)
     opt, scaler = torch.optim.AdamW(model.parameters()), mm.grad_scaler(hw)
     x, y = torch.randn(8, 3, 28, 28, device=dev), torch.randint(0, 20, (8,), device=dev)
-    idx = mm.EpochSampler(8, 4, 0, dev)(0)
+    idx = mm.batch_indices(0, 8, 4, 0, dev)
     with mm.autocast(hw):
         logits = model(mm.augment_digits(x[idx], c, -0.42, 0.5))
     out["classify"] = F.cross_entropy(logits.float(), y[idx])
@@ -1126,7 +1129,8 @@ def one_step_of_each(hw):
     scaler.step(opt)
     scaler.update()
     mm.ema_update(ema, model, mm.ema_decay(c.ema, 0))
-    out["classify_tta"] = mm.score_batches(ema, x, y, tta=True)[0]
+    if dev.type != "meta":  # evaluate() returns Python numbers: a meta tensor has none to give
+        out["classify_tta"] = torch.tensor(mm.evaluate(ema, x, y, tta=True))
     g = tiny_gen_cfg("", "")
     net = mm.make_unet(g).to(dev, memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters())
@@ -1159,11 +1163,14 @@ def test_steps_under_cpu_bf16_autocast_keep_float32_losses():
     out = one_step_of_each(mm.Hardware(torch.device("cpu"), "bf16"))
     for name in ("classify", "generate", "gradflow"):
         assert out[name].dtype == torch.float32 and torch.isfinite(out[name]), (name, out[name])
-    assert out["classify_tta"].dtype == torch.float64 and out["sampler"].dtype == torch.float32
+    assert torch.isfinite(out["classify_tta"]).all() and out["sampler"].dtype == torch.float32
     assert torch.isfinite(out["sampler"]).all()
 
 
 def test_loops_have_no_per_step_sync_and_loads_stay_on_cpu():
+    """A static rule, kept because no CPU test can see the GPU hazards it guards: a host sync in every
+    step (.item(), .cpu()) stalls a GPU's queue, and torch.load without map_location='cpu' puts a CUDA
+    checkpoint straight onto a GPU (or fails on a machine without one)."""
     import ast
     for path in ("mm.py", "fid.py"):
         for node in ast.walk(ast.parse(open(os.path.join(HERE, path)).read())):
@@ -1173,7 +1180,7 @@ def test_loops_have_no_per_step_sync_and_loads_stay_on_cpu():
     tree = ast.parse(open(os.path.join(HERE, "mm.py")).read())
     step_loops = [n for n in ast.walk(tree) if isinstance(n, ast.For)
                   and any("seed_step(" in ast.unparse(s) for s in n.body[:2])]  # loops that seed each step
-    assert len(step_loops) == 3, len(step_loops)
+    assert step_loops, "no loop seeds its steps"
 
     def check(node, guarded):  # a sync or a tensor from Python data is allowed only under an `if` (log/eval steps)
         for child in ast.iter_child_nodes(node):
@@ -1201,20 +1208,11 @@ def test_foreach_ema_equals_the_per_tensor_update():
         assert torch.equal(v, reference[k]), k
 
 
-def test_ema_line_says_whether_the_warm_up_reaches_the_decay():
-    # The warm-up (1+t)/(10+t) first reaches d at t = (10d - 1)/(1 - d): 8,990 for 0.999, 17,990 for 0.9995.
-    for limit, first in ((0.999, 8990), (0.9995, 17990), (0.9, 80)):
+def test_ema_warm_up_reaches_its_decay():
+    # The warm-up (1+t)/(10+t) first reaches d at t = (10d - 1)/(1 - d): 8,990 for 0.999, 80 for 0.9.
+    for limit, first in ((0.999, 8990), (0.9, 80)):
         assert mm.ema_decay(limit, first) == limit > mm.ema_decay(limit, first - 1)
-    assert mm.describe_ema(0.999, 10000).startswith("EMA decay 0.999, reached at step 8,990")
-    assert "about 1,000 steps" in mm.describe_ema(0.999, 10000)
-    assert mm.describe_ema(0.9995, 50000).startswith("EMA decay 0.9995, reached at step 17,990")
-    # 0.9995 in 10,000 steps: the last step's decay is 10,000/10,009, a memory of 10,009/9 = 1,112 steps
-    line = mm.describe_ema(0.9995, 10000)
-    assert line.startswith("EMA decay 0.9995 is not reached in 10,000 steps") and "0.999101" in line, line
-    assert "about 1,112 steps" in line, line
-    assert mm.describe_ema(0.999, 8990).startswith("EMA decay 0.999 is not reached")
-    assert mm.describe_ema(0, 10000).startswith("EMA off")
-
+    assert mm.ema_decay(0.999, 0) == 0.1  # step 0 keeps 10 % of the random initial weights
 
 def test_precision_is_picked_per_device():
     out = lambda **kw: quiet(mm.pick_hardware, mm.ClassifyConfig(**kw))[0]
@@ -1450,19 +1448,14 @@ def test_ticks_are_round_and_cover_the_data():
 
 def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
     root = write_addnist(tmpdir())
-    runs = {name: tmpdir() for name in ("classify", "generate", "gradflow", "ablation")}
+    runs = {name: tmpdir() for name in ("classify", "generate", "gradflow")}
     quiet(mm.classify, tiny_cfg(root, runs["classify"], runs=2))
-    quiet(mm.classify, tiny_cfg(root, os.path.join(runs["ablation"], "shifts_only"), elastic=0.0))
-    for seed in (0, 1):  # one recipe run as two single-seed folders: the table pools them into one row
-        quiet(mm.classify, tiny_cfg(root, os.path.join(runs["ablation"], f"base_s{seed}"), seed=seed))
-    os.makedirs(os.path.join(runs["ablation"], "unfinished"))
     with tiny_cifar() as croot:
         quiet(mm.generate, tiny_gen_cfg(croot, runs["generate"]))
         quiet(mm.gradflow, tiny_gradflow_cfg(croot, runs["gradflow"], runs=2, epochs=1))
     out = tmpdir()
-    _, log = quiet(mm.report, mm.ReportConfig(classify=runs["classify"], generate=runs["generate"],
-                                              gradflow=runs["gradflow"], ablation=runs["ablation"], out=out))
-    assert "unfinished" in log  # a partial folder is named in one line, and nothing crashes
+    quiet(mm.report, mm.ReportConfig(classify=runs["classify"], generate=runs["generate"],
+                                     gradflow=runs["gradflow"], out=out))
     md, tex = open(os.path.join(out, "report.md")).read(), open(os.path.join(out, "report.tex")).read()
     c = json.load(open(os.path.join(runs["classify"], "metrics.json")))
     for key in ("train_acc", "test_acc"):
@@ -1470,28 +1463,12 @@ def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
     assert f"{c['train_loss_mean']:.4f} ± {c['train_loss_std']:.4f}" in md and "penalty: 0 marks" in md
     g = json.load(open(os.path.join(runs["generate"], "metrics.json")))
     assert f"NFE {g['nfe']}" in md and f"{g['pixel_copy_rate']:.4g}" in md and "| fid | null |" in md
-    pooled = [json.load(open(os.path.join(runs["ablation"], f"base_s{s}", "metrics.json")))["per_run"][0]
-              for s in (0, 1)]
-    base = mm.recipe_flags(json.load(open(os.path.join(runs["ablation"], "base_s0", "metrics.json")))["config"])
-    assert "--arch 8,M,16" in base and "--seed" not in base and "--out" not in base  # recipe flags only
-    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in md.splitlines() if line.startswith("| --")}
-    shifts = mm.recipe_flags(json.load(open(os.path.join(runs["ablation"], "shifts_only", "metrics.json")))["config"])
-    assert set(rows) == {base, shifts} and shifts.replace(" --elastic 0", "") == base, rows  # the flag names the lever
-    test = mm.mean_std([r["test_acc"] for r in pooled])
-    assert rows[base][:4] == ["2", "{:.4f} ± {:.4f}".format(*mm.mean_std([r["train_loss"] for r in pooled])),
-                              mm.percent(mm.mean_std([r["train_acc"] for r in pooled])), mm.percent(test)]
-    assert "best row: " in md
-    # The ablation figure's numbers are each seed's own test accuracy, under its recipe's row.
-    strips = [line.rsplit(",", 1) for line in open(os.path.join(out, "ablation.csv")).read().splitlines()[1:]]
-    assert [float(v) for label, v in strips if label == f'"{base}"'] == [r["test_acc"] for r in pooled]
-    assert len(strips) == 3 and os.path.getsize(os.path.join(out, "ablation.png")) > 1000
-    assert "{ablation.png}" in tex
     v = json.load(open(os.path.join(runs["gradflow"], "metrics.json")))
     assert f"{100 * v['table'][0]['test_acc_mean']:.2f} ± {100 * v['table'][0]['test_acc_std']:.2f}" in md
-    for name in ("classifier_accuracy", "depth_loss", "depth_accuracy", "depth_gradflow"):
+    assert "best-validation epoch" in md  # the depth table says where its test column comes from
+    for name in ("classifier_accuracy", "depth_accuracy", "depth_gradflow"):
         assert os.path.getsize(os.path.join(out, name + ".png")) > 1000
-        assert os.path.exists(os.path.join(out, name + ".csv"))
-        assert f"{{{name}.png}}" in tex
+        assert os.path.exists(os.path.join(out, name + ".csv")) and f"{{{name}.png}}" in tex
     for name in ("generator_samples.png", "generator_interpolations.png", "generator_neighbours.png"):
         assert os.path.exists(os.path.join(out, name)) and name in tex
     depth = 0  # braces balance (escaped \{ \} aside) and never close more than they opened
@@ -1499,63 +1476,17 @@ def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
         depth += {"{": 1, "}": -1}.get(ch, 0)
         assert depth >= 0
     assert depth == 0 and "\\documentclass" not in tex and "\\begin{document}" not in tex  # \input-safe
-    assert tex.count("\\begin{table") == tex.count("\\end{table") == 4  # classifier, ablation, panel, depth
-    # The ablation alone (no --classify) is its own section with the same rows; a folder with no finished
-    # run under it is refused in one line rather than giving an empty table.
-    quiet(mm.report, mm.ReportConfig(ablation=runs["ablation"], out=(alone := tmpdir())))
-    md_alone = open(os.path.join(alone, "report.md")).read()
-    assert "Classifier ablation" in md_alone and "Classifier (AddNIST)" not in md_alone
-    assert [line for line in md_alone.splitlines() if line.startswith("| --")] == \
-        [line for line in md.splitlines() if line.startswith("| --")]
-    expect_error(lambda: quiet(mm.report, mm.ReportConfig(ablation=runs["generate"], out=tmpdir())),
-                 "no sub-folder holding a finished classify run")
+    assert tex.count("\\begin{table") == tex.count("\\end{table") == 3  # classifier, panel, depth
+    # Every LaTeX special is escaped, once: the text reads back as typed.
+    assert mm.tex("--batch-size $5 {a} ~ ^ 10% #1 a_b & c\\d") == (
+        r"-{}-batch-size \$5 \{a\} \textasciitilde{} \textasciicircum{} 10\% \#1 a\_b \& c\textbackslash{}d")
 
 
-def test_ablation_best_row_weighs_its_lead_against_seed_noise():
-    # Welch's standard error of a difference of means, by hand: a lead inside two of them is called level.
-    def row(recipe, accs):
-        mean, std = mm.mean_std(accs)
-        return {"recipe": recipe, "seeds": len(accs), "test": (mean, std), "per seed": accs,
-                "test acc %": mm.percent((mean, std))}
-    default = [0.9920, 0.9925, 0.9930, 0.9915, 0.9935]  # mean 0.9925, std 7.9e-4
-    for accs, verdict in (([0.9925, 0.9930, 0.9935], "within two standard errors"),
-                          ([0.9960, 0.9961, 0.9962], "more than two standard errors")):
-        rep = mm.Report(tmpdir())
-        mm.report_ablation(rep, [row("--x 1", accs), row("(default)", default)], under_classifier=False)
-        line = next(text for text in rep.md if text.startswith("best row: --x 1"))
-        se = math.sqrt(np.var(accs, ddof=1) / 3 + np.var(default, ddof=1) / 5)
-        gap = np.mean(accs) - np.mean(default)
-        assert f"{100 * gap:.2f} points below it (standard error of the difference {100 * se:.2f}" in line, line
-        assert verdict in line, line
-    rep = mm.Report(tmpdir())  # the default on top: no comparison to make
-    mm.report_ablation(rep, [row("(default)", default), row("--x 1", [0.99, 0.98])], under_classifier=False)
-    best_line = next(text for text in rep.md if text.startswith("best row"))
-    assert best_line == "best row: (default) (99.25 ± 0.08 %, n=5)", best_line
-
-
-def test_readme_ablation_commands_parse_and_state_their_parameter_counts():
-    # Readers copy the README's `abl NAME FLAGS` lines: each must parse as classify flags, fit both
-    # budgets, write to its own folder, and build the parameter count its comment states, if it states one.
-    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
-    lines = re.findall(r"^abl (\S+) (.*)$", text, flags=re.M)
-    names = [name for name, _ in lines]
-    assert len(lines) >= 10 and len(set(names)) == len(names), names
-    built, stated_counts = [], 0
-    with patched(mm, COMMANDS={**mm.COMMANDS, "classify": (mm.ClassifyConfig, built.append, "")}):  # parse only
-        for name, rest in lines:
-            flags, _, comment = rest.partition("#")
-            try:
-                mm.main(["classify"] + flags.split())
-            except SystemExit as e:  # a flag that no longer exists: fail this test, not the whole run
-                raise AssertionError(f"abl {name}: {e}") from None
-            cfg = built[-1]
-            n = mm.count_params(mm.make_classifier(cfg))
-            assert n < 100_000 and cfg.steps <= 10_000, (name, n, cfg.steps)
-            stated = re.search(r"\(([\d,]{5,})(?: parameters)?\)", comment)
-            if stated:
-                stated_counts += 1
-                assert n == int(stated.group(1).replace(",", "")), (name, n, stated.group(0))
-    assert stated_counts >= 4  # the trunk-shape rows state theirs
+def test_mean_band_uses_the_steps_every_run_has():
+    curves = [{"step": [10, 20, 30], "acc": [0.1, 0.2, 0.3]}, {"step": [10, 30], "acc": [0.3, 0.5]}]
+    line = mm.band_line("acc", (0, 0, 0), curves, "step", "acc")
+    assert line.xs == [10, 30] and np.allclose(line.ys, [0.2, 0.4])
+    assert np.allclose(line.band[0], [0.2 - math.sqrt(0.02), 0.4 - math.sqrt(0.02)])
 
 
 # ---------------------------------------------------------------------------------------------
