@@ -465,10 +465,13 @@ def score_samples(images, x_train, x_test, device="cpu", data_dir=None, neighbou
     the k nearest training images in pixels of the first `neighbours` samples and of the `neighbours`
     samples nearest to a training image, for neighbours.png. Test-to-train distances and the reference
     features are cached in the data folder, so a second call costs one pass over the samples."""
-    cache, metrics = data.data_root(data_dir), {}
-    train_px = x_train.to(device)
+    cache, metrics, n = data.data_root(data_dir), {}, len(x_train)
+    # Training flips images, so a copy may be a mirror image: search the training set and its mirror
+    # images (index n + i is image i flipped), keeping the nearer. (2n, 3, H, W)
+    train_px = torch.cat([x_train, x_train.flip(3)]).to(device)
     sample_px = nearest_distances(images, train_px, device=device)  # (N,) pixel L2 to the nearest train image
-    key = {"what": "test-to-train-pixel-l2", "test": digest(x_test), "train": digest(x_train.cpu().numpy())}
+    key = {"what": "test-to-train-pixel-l2", "mirrored": True, "test": digest(x_test),
+           "train": digest(x_train.cpu().numpy())}
     test_px = cached_array(key, cache, lambda: nearest_distances(x_test, train_px, device=device))
     metrics["pixel_copy"] = copy_rate(sample_px, test_px)
     metrics["pixel_copy_rate"] = metrics["pixel_copy"]["copy_rate"]
@@ -485,7 +488,8 @@ def score_samples(images, x_train, x_test, device="cpu", data_dir=None, neighbou
                  inception_features(images, inception, clean=True))
         metrics.update(quality_panel(test_feats, sample_feats, *clean, device))
         metrics["fid_protocol"] = "pytorch-fid (Inception pool3, bilinear 299), samples vs the CIFAR-100 test split"
-        train_feats = cached_features(x_train.cpu(), train_key, inception, cache)
+        train_feats = np.concatenate([cached_features(x.cpu(), train_key, inception, cache)  # and its mirror
+                                      for x in (x_train, x_train.flip(3))])
         metrics["inception_copy"] = copy_rate(nearest_distances(sample_feats, train_feats, device=device),
                                               nearest_distances(test_feats, train_feats, device=device))
         metrics["inception_copy_rate"] = metrics["inception_copy"]["copy_rate"]
@@ -498,8 +502,9 @@ def score_samples(images, x_train, x_test, device="cpu", data_dir=None, neighbou
         best_i.append(idx + i)
     d, idx = torch.cat(best_d, 1), torch.cat(best_i, 1)
     order = d.argsort(1)[:, :k]
+    idx = idx.gather(1, order)
     metrics["neighbours"] = {"sample_index": shown, "pixel_l2": d.gather(1, order).tolist(),
-                             "pixel_index": idx.gather(1, order).tolist()}
+                             "pixel_index": (idx % n).tolist(), "mirrored": (idx >= n).tolist()}
     return metrics
 
 

@@ -93,8 +93,8 @@ class GenerateConfig(RunConfig):
     dropout: float = 0.1  # dropout inside residual blocks
     batch_size: int = 256  # images per step
     lr: float = 1e-3  # peak Adam learning rate
-    warmup: int = 1000  # steps of linear warm-up, then cosine decay to 0
-    ema: float = 0.9995  # decay of the weight average that samples come from, warmed up as (1+t)/(10+t)
+    warmup: float = 0.02  # linear warm-up over this fraction of --steps, then cosine decay to 0
+    ema: float = 0.04  # length of the power-function weight average samples come from, as σ_rel (0 = off)
     sigma_data: float = 0.5  # standard deviation of the data, for the preconditioning
     p_mean: float = -1.2  # mean of ln σ during training
     p_std: float = 1.2  # standard deviation of ln σ during training
@@ -104,7 +104,6 @@ class GenerateConfig(RunConfig):
     guidance: float = 1.0  # classifier-free guidance scale w (1 = plain conditional)
     fid_samples: int = 10_000  # samples drawn for FID and samples.npz (at least the grid's 64)
     sample_batch: int = 1000  # samples per sampler call
-    sample_every: int = 5000  # steps between progress.png grids (and checkpoints)
     compile: str = "auto"  # torch.compile the training forward: auto (on for CUDA) | on | off
 
 @dataclass
@@ -126,13 +125,13 @@ CHOICES = {"model": ("digits", "plain"), "train_on": ("train", "train+valid"), "
            "compile": ("auto", "on", "off")}
 POSITIVE = {"steps", "epochs", "batch_size", "lr", "runs", "eval_every", "eval_train", "log_every",
             "blocks", "emb_dim", "sigma_data", "p_std", "sampler_steps", "fid_samples", "sample_batch",
-            "sample_every", "val_size", "repeats"}  # every other number (but p_mean, a log) must not be negative
+            "val_size", "repeats"}  # every other number (but p_mean, a log) must not be negative
 # What a --resume may change: where files go, how often to print, hardware, and generate's sampling
 # (it acts after training). Every other field shapes the trajectory: a checkpoint continues only
 # with the values it was trained with.
 RESUME_FREE = {"data_dir", "out", "allow_penalty", "runs", "compare", "eval_every", "log_every", "device",
                "precision", "deterministic", "compile", "resume", "sample_only", "pause_at", "ckpt",
-               "sampler_steps", "guidance", "fid_samples", "sample_batch", "sample_every"}
+               "sampler_steps", "guidance", "fid_samples", "sample_batch"}
 
 def check_numbers(cfg, below=None):
     """Before any work, one line for the first number out of range: those in POSITIVE must be positive,
@@ -284,7 +283,7 @@ def train_classifier(cfg, seed, run_dir, train, test, hw):
     since, window = (start, t0), torch.zeros(2, device=hw.device)  # (loss, accuracy) summed: no sync
     for step in range(start, stop_at):
         seed_step(seed, step)
-        lr = set_lr(opt, get_lr(step, cfg))
+        lr = set_lr(opt, get_lr(step, cfg, cfg.warmup))
         idx = batch_indices(step, len(x_train), cfg.batch_size, seed, hw.device)
         # rotation, zoom and elastic fall linearly to 0: varied digits early, a fitted reader late
         xb, yb = augment_digits(x_train[idx], cfg, background, 1 - step / cfg.steps), y_train[idx]
@@ -545,7 +544,7 @@ def train_generator(cfg, net, ema, opt, scaler, x_train, y_train, hw, ckpt_path,
     since, loss_sum = (run["step"], t0), torch.zeros((), device=hw.device)  # summed: no sync per step
     for step in range(run["step"], stop_at):
         seed_step(cfg.seed, step)  # noise levels, noise, dropout, flips
-        lr = set_lr(opt, get_lr(step, cfg))
+        lr = set_lr(opt, get_lr(step, cfg, round(cfg.warmup * cfg.steps)))
         idx = batch_indices(step, len(x_train), cfg.batch_size, cfg.seed, hw.device)
         xb = x_train[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]  (B, 3, 32, 32)
         flip = torch.rand(len(xb), device=hw.device) < (0.5 if cfg.flip else 0.0)  # same stream either way
@@ -559,7 +558,7 @@ def train_generator(cfg, net, ema, opt, scaler, x_train, y_train, hw, ckpt_path,
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         scaler.step(opt)
         scaler.update()
-        ema_update(ema, net, ema_decay(cfg.ema, step))
+        ema_update(ema, net, power_ema_decay(cfg.ema, step))
         loss_sum += loss.detach()
         done = step + 1
         if done % cfg.log_every == 0 or done == stop_at:
@@ -569,7 +568,7 @@ def train_generator(cfg, net, ema, opt, scaler, x_train, y_train, hw, ckpt_path,
             since = log_line(done, cfg.steps, stop_at, since, loss=f"{curve['loss'][-1]:.4f}",
                              lr=f"{lr:.1e}", img_per_s=f"{rate:.0f}")
             loss_sum.zero_()
-        if done % cfg.sample_every == 0 and done < cfg.steps:  # a grid to watch the run by
+        if done % max(1, cfg.steps // 10) == 0 and done < cfg.steps:  # a grid to watch the run by
             grid = sample_images(ema.eval(), torch.arange(64) % 100, cfg, hw, cfg.seed)
             save_grid(os.path.join(cfg.out, "progress.png"), grid, 8, f"EMA samples after {done:,} steps")
             checkpoint(done)
@@ -613,7 +612,7 @@ def generate(cfg):
     """`python mm.py generate`: train the class-conditional diffusion model, then write every output:
     set up (fresh, or from the checkpoint) -> train -> samples and figures -> scores. Every count
     reported (steps, seconds) comes from the checkpoint that produced the samples."""
-    check_numbers(cfg, below={"ema": 1, "dropout": 1, "p_uncond": 1})
+    check_numbers(cfg, below={"ema": 0.28, "warmup": 1, "dropout": 1, "p_uncond": 1})
     t_start, ckpt_path = time.time(), cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     if cfg.sample_only:  # the network and its training record come from the checkpoint
         if not os.path.exists(ckpt_path):
@@ -660,9 +659,11 @@ def generate(cfg):
     metrics["wall_seconds"] = time.time() - t_start  # this call: setup, any training, sampling, scoring
     save_json(os.path.join(cfg.out, "metrics.json"), metrics)
     near = metrics["neighbours"]  # the first 8 samples, then the 8 nearest to a training image
-    save_grid(os.path.join(cfg.out, "neighbours.png"), torch.cat([torch.stack(
-        [images[s]] + [train[0][j].cpu() for j in near["pixel_index"][row]]) for row, s in
-        enumerate(near["sample_index"])]), 4, "sample  |  3 nearest training images", gap_after=1)
+    nearest = lambda j, mirrored: train[0][j].flip(2).cpu() if mirrored else train[0][j].cpu()  # (3, 32, 32)
+    save_grid(os.path.join(cfg.out, "neighbours.png"), torch.cat([torch.stack([images[s]] + [
+        nearest(j, m) for j, m in zip(near["pixel_index"][row], near["mirrored"][row])]) for row, s in
+        enumerate(near["sample_index"])]), 4, "sample  |  3 nearest training images (or mirror images)",
+              gap_after=1)
     fid_text = "null" if metrics["fid"] is None else f"{metrics['fid']:.2f}"
     print(f"\n{n_params:,} parameters, {run['step']:,} steps, Heun {cfg.sampler_steps} (NFE {nfe}), guidance "
           f"{cfg.guidance}: FID {fid_text} on {len(images):,} samples; the quality panel:")
@@ -942,11 +943,11 @@ def batch_indices(step, n, batch_size, seed, device):
     epoch, i = divmod(step, n // batch_size)
     return epoch_order(n, seed, epoch, device)[i * batch_size:(i + 1) * batch_size]
 
-def get_lr(step, cfg):
-    """Linear warm-up to cfg.lr, then cosine decay to 0 at cfg.steps."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+def get_lr(step, cfg, warmup):
+    """Linear warm-up to cfg.lr over `warmup` steps, then cosine decay to 0 at cfg.steps."""
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 def set_lr(opt, lr):
@@ -958,6 +959,16 @@ def ema_decay(limit, step):
     """(1 + step)/(10 + step), capped at `limit`: the average would otherwise remember the random
     initial weights, so its memory starts short (0.1 at step 0, 0.9 at step 80) and grows."""
     return min(limit, (1 + step) / (10 + step))
+
+def power_ema_decay(sigma_rel, step):
+    """The power-function EMA of Karras et al. 2024 (EDM2, Sec. 3.1): after t = step + 1 updates the decay
+    is (1 - 1/t)^(γ+1), so the average spans the same fraction of the run however long it is. γ solves
+    σ_rel² = (γ+1) / ((γ+2)² (γ+3)) (EDM2 Eq. 3), a cubic; σ_rel 0.04 (γ 22.0) ends a 50,000-step run
+    at a decay of 0.99954, close to a plain EMA of 0.9995."""
+    if sigma_rel == 0:
+        return 0.0
+    gamma = np.roots([1, 7, 16 - sigma_rel ** -2, 12 - sigma_rel ** -2]).real.max()
+    return (1 - 1 / (step + 1)) ** (gamma + 1)
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
@@ -1025,6 +1036,9 @@ def load_checkpoint(path, command, cfg=None):
     if not isinstance(ck, dict) or ck.get("command") != command:
         raise UserError(f"{path} is not a checkpoint of `mm.py {command}` {ck if isinstance(ck, str) else ''}"
                         f"; point at one it wrote, or start a new run")
+    if command == "generate" and "sample_every" in ck["config"]:  # a field only the old schedule had
+        raise UserError(f"{path} was trained with warm-up and EMA counted in steps (mm.py before the schedule "
+                        f"scaled with --steps); it cannot continue under today's schedule: start a new --out")
     trained = {**asdict(type(cfg)()), **ck["config"]} if cfg else {}  # a newer field ran at its default
     differ = [k for k in asdict(cfg) if k not in RESUME_FREE and trained[k] != getattr(cfg, k)] if cfg else []
     if differ:

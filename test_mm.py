@@ -178,7 +178,7 @@ def tiny_cfg(root, out, **kw):
 
 
 def tiny_gen_cfg(root, out, **kw):
-    base = dict(data_dir=root, out=out, widths="8,16,16", emb_dim=32, steps=6, batch_size=8, warmup=2,
+    base = dict(data_dir=root, out=out, widths="8,16,16", emb_dim=32, steps=6, batch_size=8, warmup=0.3,
                 sampler_steps=2, fid_samples=16, sample_batch=16, log_every=3, device=DEVICE)
     return mm.GenerateConfig(**{**base, **kw})
 
@@ -628,6 +628,7 @@ def test_generate_writes_samples_and_grids():
     with tiny_cifar(root=tiny_trained_generator()["root"]) as root:
         x_train = data.load_split("cifar100", "train", root)[0].astype(np.float64)
     images = npz["images"].astype(np.float64)
+    x_train = np.concatenate([x_train, x_train[..., ::-1]])  # the training images and their mirror images
     to_train = np.sqrt(((images[:, None] - x_train[None]) ** 2).sum((2, 3, 4))).min(1)  # (64,) by brute force
     nearest = np.array(saved["neighbours"]["pixel_l2"])[:, 0]
     assert saved["neighbours"]["sample_index"][:8] == list(range(8))
@@ -713,7 +714,7 @@ def test_generator_resume_is_exact():
 
 def test_generator_loss_falls_on_a_tiny_dataset():
     with tiny_cifar(n_train=16, smooth=True) as root:
-        m, _ = quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), steps=150, lr=3e-3, warmup=10, log_every=25,
+        m, _ = quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), steps=150, lr=3e-3, warmup=0.07, log_every=25,
                                                fid_samples=2, sample_batch=2, dropout=0.0))
     losses = m["loss_curve"]["loss"]
     assert losses[-1] < 0.85 * losses[0] and losses[-1] < min(losses[:3]), losses
@@ -904,10 +905,23 @@ def test_generate_resume_refuses_another_schedule():
     with tiny_cifar() as root:
         out = tmpdir()
         quiet(mm.generate, tiny_gen_cfg(root, out, pause_at=3))
-        for field, value in (("lr", 0.5), ("warmup", 1), ("batch_size", 4), ("p_uncond", 0.5)):
+        for field, value in (("lr", 0.5), ("warmup", 0.5), ("ema", 0.1), ("batch_size", 4), ("p_uncond", 0.5)):
             msg = expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, out, resume=True, **{field: value})),
                                "resume with the values")
             flags_in(msg, field, getattr(tiny_gen_cfg(root, out), field), value)
+
+
+def test_generate_refuses_a_checkpoint_of_the_step_count_schedule():
+    # Before warm-up and EMA scaled with --steps, a checkpoint's config had sample_every (warm-up 1,000 steps,
+    # EMA decay 0.9995): its averages cannot continue under today's schedule, so it is refused in one line.
+    with tiny_cifar() as root:
+        out = tmpdir()
+        quiet(mm.generate, tiny_gen_cfg(root, out, pause_at=3))
+        path = os.path.join(out, "ckpt.pt")
+        ck = torch.load(path, weights_only=True)
+        ck["config"].update(sample_every=5000, warmup=1000, ema=0.9995)
+        torch.save(ck, path)
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, out, resume=True)), "counted in steps", "new --out")
 
 
 def test_pause_at_or_before_the_checkpoint_is_refused_and_steps_are_counted():
@@ -1046,7 +1060,8 @@ def test_bad_invocations_get_one_line_and_touch_nothing():
         (g + ["--out", fresh, "--p-uncond", "5"], "--p-uncond"),
         (g + ["--out", fresh, "--sigma-data", "0"], "--sigma-data"),
         (g + ["--out", fresh, "--fid-samples", "0"], "--fid-samples"),
-        (g + ["--out", fresh, "--dropout", "2"], "--dropout"),
+        (g + ["--out", fresh, "--dropout", "2"], "--dropout"), (g + ["--out", fresh, "--ema", "0.5"], "--ema"),
+        (g + ["--out", fresh, "--warmup", "1000"], "--warmup"),
         (c + ["--out", fresh, "--resume"], "holds no checkpoint"),
         *((c + ["--out", folder, "--resume", "--arch", "8,M,16", "--steps", "6", "--batch-size", "8", "--warmup", "2",
                 "--eval-train", "32"], "not a checkpoint") for folder in broken.values()),
@@ -1206,6 +1221,24 @@ def test_foreach_ema_equals_the_per_tensor_update():
     mm.ema_update(ema, model, 0.9)
     for k, v in ema.state_dict().items():
         assert torch.equal(v, reference[k]), k
+
+
+def test_power_ema_averages_the_run_with_width_sigma_rel():
+    # EDM2 Sec. 3.1: the power EMA weighs past time tau of a run of length t as tau^gamma, so the mean of
+    # w(tau) = tau is t (gamma+1)/(gamma+2), and the profile's std relative to t is sigma_rel.
+    for sigma_rel in (0.04, 0.10):
+        mean1, mean2, T = 0.0, 0.0, 20_000
+        for step in range(T):  # scalar weights w = t and w = t^2, averaged as ema_update does
+            beta = mm.power_ema_decay(sigma_rel, step)
+            t = (step + 1) / T
+            mean1, mean2 = beta * mean1 + (1 - beta) * t, beta * mean2 + (1 - beta) * t * t
+        gamma = np.roots([1, 7, 16 - sigma_rel ** -2, 12 - sigma_rel ** -2]).real.max()
+        assert abs(mean1 - (gamma + 1) / (gamma + 2)) < 1e-3, (sigma_rel, mean1)
+        assert abs(math.sqrt(mean2 - mean1 ** 2) / sigma_rel - 1) < 0.02, (sigma_rel, mean2 - mean1 ** 2)
+    assert mm.power_ema_decay(0.04, 0) == 0 and mm.power_ema_decay(0, 5000) == 0  # starts at the weights; 0 = off
+    # The same fraction of any run: the decay at the end of 2,000 steps is that of 50,000 steps, rescaled.
+    ends = [(1 - mm.power_ema_decay(0.04, steps - 1)) * steps for steps in (2000, 50_000)]  # both about gamma + 1
+    assert abs(ends[0] / ends[1] - 1) < 0.01, ends
 
 
 def test_ema_warm_up_reaches_its_decay():
@@ -1532,6 +1565,20 @@ def test_copy_rate_counts_an_exact_training_image():
     assert np.allclose(to_train, brute) and to_train[3] == 0 and to_train[7] == 0
     panel = fid.copy_rate(to_train, fid.nearest_distances(test, train))
     assert panel["copy_rate"] == 2 / 20 and 0.5 < panel["median_ratio"] < 2  # the copies, and only them
+
+
+def test_a_mirrored_copy_is_found_and_shown_mirrored():
+    rng = np.random.default_rng(3)
+    train = torch.from_numpy(rng.integers(0, 256, (30, 3, 8, 8)).astype(np.uint8))
+    test = torch.from_numpy(rng.integers(0, 256, (20, 3, 8, 8)).astype(np.uint8))
+    samples = rng.integers(0, 256, (10, 3, 8, 8)).astype(np.uint8)
+    samples[4] = train[17].flip(2).numpy()  # a training image, mirrored
+    with patched(fid, WEIGHTS_URL="http://127.0.0.1:9/w.pth"):  # offline: the pixel half of the panel only
+        m = quiet(fid.score_samples, samples, train, test, "cpu", tmpdir(), neighbours=2, k=1)[0]
+    assert m["fid"] is None and m["pixel_copy_rate"] >= 1 / 10 and m["pixel_copy"]["threshold"] > 0
+    near = m["neighbours"]
+    assert near["sample_index"][2] == 4 and near["pixel_l2"][2] == [0.0]  # the nearest sample is the copy
+    assert near["pixel_index"][2] == [17] and near["mirrored"][2] == [True]
 
 
 def test_prdc_matches_the_reference_package():
