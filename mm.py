@@ -241,22 +241,26 @@ TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) pixel shifts
 @torch.no_grad()
 def evaluate(model, x, y, tta=False, batch_size=1000):
     """Mean cross-entropy and accuracy of `model` in eval mode over (x, y), in float32 whatever the
-    training precision; one host sync. With tta, class probabilities are averaged over the image and its
-    four one-pixel shifts (MNIST digits sit in a blank border, so torch.roll moves them without wrapping)."""
+    training precision. With tta, class probabilities are averaged over the image and its four one-pixel
+    shifts; the edge a shift uncovers is background, so a digit touching the border never wraps round."""
     model.eval()
+    fill = x.min().item() if tta else 0.0  # the normalised value of an empty pixel
     loss = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        views = [torch.roll(xb, s, dims=(2, 3)) for s in TTA_SHIFTS] if tta else [xb]
+        H, W = xb.shape[2:]
+        padded = F.pad(xb, (1, 1, 1, 1), value=fill)  # view (dy, dx)[i, j] = xb[i - dy, j - dx], or background
+        views = [padded[:, :, 1 - dy:1 - dy + H, 1 - dx:1 - dx + W] for dy, dx in TTA_SHIFTS] if tta else [xb]
         logp = torch.stack([model(v).float().log_softmax(1) for v in views])  # (views, B, classes)
         logp = torch.logsumexp(logp, 0) - math.log(len(views))  # log of the mean probability
         loss += F.nll_loss(logp, yb, reduction="sum").double()
         correct += (logp.argmax(1) == yb).sum()
     return loss.item() / len(x), correct.item() / len(x)
 
-def train_classifier(cfg, seed, run_dir, train, test, hw):
-    """Train one seed; returns its result, or None when paused. `test` only ever goes to evaluate()."""
+def train_classifier(cfg, seed, run_dir, train, test, hw, valid=None):
+    """Train one seed; returns its result, or None when paused. `test` (and `valid`, the held-out split
+    that recipes are chosen on, with --train-on train) only ever go to evaluate()."""
     (x_train, y_train), ckpt_path = train, os.path.join(run_dir, "ckpt.pt")
     torch.manual_seed(seed)
     # channels_last (NHWC) is the layout both oneDNN (CPU) and cuDNN (GPU) convolve fastest
@@ -322,6 +326,8 @@ def train_classifier(cfg, seed, run_dir, train, test, hw):
     test_loss, test_acc = evaluate(eval_model, *test, tta=cfg.tta)
     result = dict(seed=seed, steps=stop_at, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                   test_acc=test_acc, tta=cfg.tta, seconds=run["seconds"] + time.time() - t0, curves=curves)
+    if valid:
+        result["valid_loss"], result["valid_acc"] = evaluate(eval_model, *valid, tta=cfg.tta)
     checkpoint(stop_at, result)
     return result
 
@@ -340,26 +346,30 @@ def classify(cfg):
     splits = [data.load_split("addnist", split, cfg.data_dir or None) for split in cfg.train_on.split("+")]
     train = [torch.from_numpy(np.concatenate(arrays)).to(hw.device) for arrays in zip(*splits)]
     test = [torch.from_numpy(a).to(hw.device) for a in data.load_test("addnist", cfg.data_dir or None)]
+    # With --train-on train the valid split is held out: recipes are chosen on it, test is scored once
+    valid = [torch.from_numpy(a).to(hw.device) for a in data.load_split("addnist", "valid", cfg.data_dir or None)
+             ] if cfg.train_on == "train" else None
     print(f"AddNIST {cfg.train_on} {tuple(train[0].shape)}, test {tuple(test[0].shape)}")
     start_record(cfg)
     results = []
     for r, run_dir in enumerate(run_dirs):
         print(f"--- run {r + 1}/{cfg.runs} (seed {cfg.seed + r})")
-        results.append(train_classifier(cfg, cfg.seed + r, run_dir, train, test, hw))
+        results.append(train_classifier(cfg, cfg.seed + r, run_dir, train, test, hw, valid))
         if results[-1] is None:  # paused
             return None
     metrics = {"params": n_params, "steps": results[0]["steps"], "runs": len(results),
                "device": str(hw.device), "mixed_precision": hw.precision, "config": asdict(cfg)}
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+    splits = ("train", "valid", "test") if valid else ("train", "test")
+    for key in (f"{split}_{what}" for split in splits for what in ("loss", "acc")):
         metrics[f"{key}_mean"], metrics[f"{key}_std"] = mean_std([r[key] for r in results])
     metrics["per_run"] = results
     rows = [{"seed": r["seed"], "steps": r["steps"], "train loss": f"{r['train_loss']:.4f}",
-             "train acc %": f"{100 * r['train_acc']:.2f}", "test acc %": f"{100 * r['test_acc']:.2f}",
+             **{f"{split} acc %": f"{100 * r[split + '_acc']:.2f}" for split in splits},
              "time": fmt_time(r["seconds"])} for r in results]
     print_table(rows + [{"seed": f"mean ± std (n={len(results)})", "steps": "",
                          "train loss": "{:.4f} ± {:.4f}".format(metrics["train_loss_mean"], metrics["train_loss_std"]),
-                         "train acc %": percent((metrics["train_acc_mean"], metrics["train_acc_std"])),
-                         "test acc %": percent((metrics["test_acc_mean"], metrics["test_acc_std"])), "time": ""}])
+                         **{f"{split} acc %": percent((metrics[f"{split}_acc_mean"], metrics[f"{split}_acc_std"]))
+                            for split in splits}, "time": ""}])
     save_json(os.path.join(cfg.out, "metrics.json"), metrics)
     plot_accuracy(os.path.join(cfg.out, "accuracy.png"), results)
     print(f"wrote {cfg.out}/config.json, metrics.json, accuracy.png, run*/ckpt.pt")
@@ -1133,14 +1143,14 @@ def tick_text(value, step):
 def line_plot(path, lines, title, xlabel, ylabel, size=(975, 600), logy=False, percent=False, xlabels=None):
     """Lines -> a chart PNG (a 3.25-inch paper column at 300 dpi by default) and their numbers in a CSV.
     The legend has its own panel, so it never covers a curve; percent plots 100 y; logy plots log10 y
-    with a label per decade; xlabels names the x positions 0..n-1 (rotated)."""
+    with a label per decade; xlabels [(x, text)] replaces the x ticks with rotated names."""
     W, H = size
     font = ImageFont.load_default(size=max(12, W // 40))
     fy = (lambda y: math.log10(max(y, 1e-30))) if logy else (lambda y: 100 * y if percent else y)
     legend = dict((line.label, line.colour) for line in lines)  # same-label lines share one legend row
     legend_w = max(font.getlength(label) for label in legend) + 50
     right, top = legend_w + 20, 30 + font.size * 2
-    bottom = font.size * 3 + 10 if xlabels is None else max(map(font.getlength, xlabels)) + 2 * font.size + 20
+    bottom = font.size * 3 + 10 if xlabels is None else max(font.getlength(t) for _, t in xlabels) + font.size * 2 + 20
     ys = [fy(y) for line in lines for y in line.ys + (line.band[0] + line.band[1] if line.band else [])]
     xs = [x for line in lines for x in line.xs]
     if logy:
@@ -1150,7 +1160,7 @@ def line_plot(path, lines, title, xlabel, ylabel, size=(975, 600), logy=False, p
     else:
         y_ticks, y_step = nice_ticks(min(ys), max(ys))
         y_text = lambda v: tick_text(v, y_step)
-    x_ticks, x_step = ([0, max(len(xlabels) - 1, 1)], 1) if xlabels else \
+    x_ticks, x_step = ([min(xs), max(max(xs), min(xs) + 1)], 1) if xlabels else \
         nice_ticks(min(xs), max(xs), integer=all(float(x).is_integer() for x in xs))
     x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], max(y_ticks[-1], y_ticks[0] + 1e-12)
     left = 16 + max(font.getlength(y_text(v)) for v in y_ticks)  # room for the widest tick label
@@ -1163,11 +1173,11 @@ def line_plot(path, lines, title, xlabel, ylabel, size=(975, 600), logy=False, p
         d.text((left - 6, px(x0, v)[1]), y_text(v), fill="black", font=font, anchor="rm")
     for v in [] if xlabels else x_ticks:
         d.text((px(v, y0)[0], H - bottom + 6), tick_text(v, x_step), fill="black", font=font, anchor="ma")
-    for i, text in enumerate(xlabels or []):  # one rotated label per category
+    for x, text in xlabels or []:  # one rotated label per named position
         tile = Image.new("RGB", (int(font.getlength(text)) + 2, font.size + 4), "white")
         ImageDraw.Draw(tile).text((1, 1), text, fill="black", font=font)
         tile = tile.rotate(90, expand=True)
-        img.paste(tile, (int(px(i, y0)[0] - tile.width / 2), int(H - bottom + 4)))
+        img.paste(tile, (int(px(x, y0)[0] - tile.width / 2), int(H - bottom + 4)))
     for line in (line for line in lines if line.band and len(line.xs) > 1):  # bands under the lines
         lows, highs = ([px(x, fy(v)) for x, v in zip(line.xs, band)] for band in line.band)
         d.polygon(highs + lows[::-1], fill=tuple(int(255 - 0.25 * (255 - c)) for c in line.colour))
@@ -1221,7 +1231,7 @@ def plot_run(run_dir, result):
     lines = [Line(f"epoch {e + 1}", list(range(len(names))), [flows[e][k] for k in names],
                   PALETTE[i % len(PALETTE)]) for i, e in enumerate(chosen)]
     line_plot(os.path.join(run_dir, "gradflow.png"), lines, "gradient flow: mean |dL/dW| per layer", "layer",
-              "mean |grad|", size=(1400, 700), logy=True, xlabels=[layer_name(k) for k in names])
+              "mean |grad|", size=(1400, 700), logy=True, xlabels=list(enumerate(map(layer_name, names))))
     line_plot(os.path.join(run_dir, "curves.png"), [Line("train", c["epoch"], c["train_acc"], PALETTE[0]),
                                                     Line("val", c["epoch"], c["val_acc"], PALETTE[1])],
               "accuracy per epoch", "epoch", "accuracy", percent=True)
@@ -1234,6 +1244,7 @@ class ReportConfig:
     classify: str = ""  # a finished classify run folder (empty: leave the classifier out)
     generate: str = ""  # a finished generate run folder (empty: leave the generator out)
     gradflow: str = ""  # a finished gradflow run folder, e.g. from --compare (empty: leave it out)
+    scaling: str = ""  # a folder of finished classify runs at other steps or widths: accuracy against both
     out: str = "runs/report"  # folder for report.md, report.tex, the figures (PNG, 300 dpi) and CSVs
 
 TEX = {"\\": r"\textbackslash{}", "%": r"\%", "_": r"\_", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
@@ -1297,6 +1308,49 @@ def report_classifier(rep, m):
     rep.figure("classifier_accuracy.png", f"Train and test accuracy over training: mean across "
                                           f"{m['runs']} seed(s), shaded ± one standard deviation.")
 
+def scaling_points(folder):
+    """{(steps, params): {seed: result}} from every finished classify run in the sub-folders of `folder`."""
+    points = {}
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*", "metrics.json"))):
+        m = json.load(open(path))
+        for r in m.get("per_run", []) if "test_acc_mean" in m else []:
+            points.setdefault((m["steps"], m["params"]), {})[r["seed"]] = r
+    if not points:
+        raise UserError(f"--scaling {folder}: no sub-folder holds a finished classify run (metrics.json)")
+    return points
+
+def report_scaling(rep, points):
+    """The coursework's scaling questions from complete runs (each with its own schedule): test accuracy
+    and the train - test gap against steps (at the commonest width) and against parameters (at the
+    commonest step count), seeds pooled per point, log x, the budget limits marked."""
+    rep.line("Classifier scaling: steps and parameters", heading=True)
+    penalty = lambda steps, params: (budget_penalty(params, CLASSIFY_PARAM_LIMIT, False) +
+                                     budget_penalty(steps, CLASSIFY_STEP_LIMIT, True))
+    rep.table("Complete runs at other budgets: test accuracy and train - test gap, mean ± std over seeds, and "
+              "the marks the coursework deducts past a limit", [
+        {"steps": f"{steps:,}", "parameters": f"{params:,}", "seeds": len(runs),
+         "test acc %": percent(mean_std([r["test_acc"] for r in runs.values()])),
+         "gap (points)": percent(mean_std([r["train_acc"] - r["test_acc"] for r in runs.values()])),
+         "penalty": -penalty(steps, params)}
+        for (steps, params), runs in sorted(points.items(), key=lambda p: p[0][::-1])])  # by width, then steps
+    for axis, limit in (("steps", CLASSIFY_STEP_LIMIT), ("parameters", CLASSIFY_PARAM_LIMIT)):
+        held = 1 if axis == "steps" else 0  # the other coordinate, held at its commonest value
+        common = max(set(p[held] for p in points), key=lambda v: sum(p[held] == v for p in points))
+        chosen = sorted((p[1 - held], runs) for p, runs in points.items() if p[held] == common)
+        if len(chosen) < 2:
+            continue
+        xs, lines = [math.log10(x) for x, _ in chosen], []
+        for split, colour in (("train", PALETTE[0]), ("test", PALETTE[1])):
+            mean, std = np.array([mean_std([r[f"{split}_acc"] for r in runs.values()]) for _, runs in chosen]).T
+            lines.append(Line(split, xs, mean.tolist(), colour, ((mean - std).tolist(), (mean + std).tolist())))
+        lines.append(Line("budget limit", [math.log10(limit)] * 2, [min(lines[1].band[0]), max(lines[0].band[1])],
+                          (150, 150, 150)))
+        line_plot(os.path.join(rep.out, f"scaling_{axis}.png"), lines, f"AddNIST accuracy against {axis}",
+                  f"{axis} (log scale; log10 in the CSV)", "accuracy", percent=True,
+                  xlabels=[(x, f"{v:,}") for x, (v, _) in zip(xs, chosen)])
+        rep.figure(f"scaling_{axis}.png", f"Train and test accuracy of complete runs against {axis} (mean ± std "
+                                          f"over seeds; the gap is the distance between the lines); grey: the limit.")
+
 def report_generator(rep, m, folder):
     rep.line("Generator (CIFAR-100)", heading=True)
     rep.line(penalty_line(m["params"], GENERATE_PARAM_LIMIT, m["steps"], GENERATE_STEP_LIMIT))
@@ -1342,13 +1396,14 @@ def report_depth_study(rep, m, folder):
 def report(cfg):
     """`python mm.py report`: report.md and report.tex with every table and figure the papers need."""
     named = {c: getattr(cfg, c) for c in ("classify", "generate", "gradflow") if getattr(cfg, c)}
-    if not named:
-        raise UserError("name at least one finished run: --classify DIR, --generate DIR or --gradflow DIR")
+    if not named and not cfg.scaling:
+        raise UserError("name at least one finished run: --classify, --generate, --gradflow or --scaling DIR")
     found = {c: json.load(open(os.path.join(d, "metrics.json"))) for c, d in named.items()
              if os.path.isfile(os.path.join(d, "metrics.json"))}
     for command in set(named) - set(found):
         print(f"{command}: {named[command]} has no metrics.json (unfinished, or not a {command} run); left out")
-    if not found:
+    points = scaling_points(cfg.scaling) if cfg.scaling else None  # refused before anything is written
+    if not found and not points:
         raise UserError("none of the named runs has finished (no metrics.json); nothing to report")
     make_folder(cfg.out)
     rep = Report(cfg.out)
@@ -1356,6 +1411,8 @@ def report(cfg):
         report_classifier(rep, found["classify"])
     if "generate" in found:
         report_generator(rep, found["generate"], cfg.generate)
+    if points:
+        report_scaling(rep, points)
     if "gradflow" in found:
         report_depth_study(rep, found["gradflow"], cfg.gradflow)
     with open(os.path.join(cfg.out, "report.md"), "w") as f:

@@ -394,6 +394,22 @@ def test_augment_identity_and_background():
     assert not torch.allclose(y[:, 0], y[:, 1] + (x[:, 0] - x[:, 1]), atol=1e-2)  # channels warp apart
 
 
+def test_tta_views_shift_in_background_and_never_wrap():
+    seen = []
+    record = lambda v: seen.append(v.clone()) or torch.zeros(len(v), 20)  # a "model" that keeps its inputs
+    x = torch.full((2, 3, 6, 6), -0.42)
+    x[:, :, -1, :] = 2.8  # ink on the bottom row and the right column: torch.roll would wrap it round
+    x[:, :, :, -1] = 2.8
+    mm.evaluate(type("M", (), {"eval": lambda self: None, "__call__": lambda self, v: record(v)})(), x,
+                torch.zeros(2, dtype=torch.long), tta=True)
+    for (dy, dx), view in zip(mm.TTA_SHIFTS, seen):
+        expected = torch.full_like(x, -0.42)
+        expected[:, :, max(dy, 0):6 + min(dy, 0), max(dx, 0):6 + min(dx, 0)] = \
+            x[:, :, max(-dy, 0):6 + min(-dy, 0), max(-dx, 0):6 + min(-dx, 0)]
+        assert torch.equal(view, expected), (dy, dx)
+    assert len(seen) == 5 and torch.equal(seen[0], x) and (seen[1][:, :, 0] == -0.42).all()  # (1, 0): top row empty
+
+
 def test_budget_penalty_rules():
     p = mm.budget_penalty
     assert p(99_999, 100_000, False) == 0 and p(100_000, 100_000, False) == 5  # "< 100,000"
@@ -476,6 +492,17 @@ def test_outputs_metrics_and_plot():
     assert img.size == (975, 600) and len(img.getcolors(1 << 16)) > 3  # a 3.25-inch column at 300 dpi
     rows = open(os.path.join(out, "accuracy.csv")).read().splitlines()  # the numbers behind the figure
     assert rows[0] == "label,x,y,band_low,band_high" and len(rows) == 1 + 2 * 2 * 2  # 2 runs x train/test x 2 evals
+
+
+def test_train_only_runs_score_the_held_out_valid_split():
+    root = write_addnist(tmpdir())
+    m, log = quiet(mm.classify, tiny_cfg(root, out := tmpdir(), train_on="train"))
+    assert "valid acc %" in log and "valid_acc_mean" in m and "valid_acc_mean" not in quiet(
+        mm.classify, tiny_cfg(root, tmpdir()))[0]  # train + valid leaves no held-out split to score
+    model = mm.make_classifier(tiny_cfg(root, out))
+    model.load_state_dict(torch.load(os.path.join(out, "run0", "ckpt.pt"), weights_only=True)["ema"])
+    x, y = (torch.from_numpy(a) for a in data.load_split("addnist", "valid", root))
+    assert (m["per_run"][0]["valid_loss"], m["per_run"][0]["valid_acc"]) == mm.evaluate(model, x, y, tta=True)
 
 
 def test_seed_k_of_a_multi_seed_run_equals_that_seed_run_alone():
@@ -1513,6 +1540,26 @@ def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
     # Every LaTeX special is escaped, once: the text reads back as typed.
     assert mm.tex("--batch-size $5 {a} ~ ^ 10% #1 a_b & c\\d") == (
         r"-{}-batch-size \$5 \{a\} \textasciitilde{} \textasciicircum{} 10\% \#1 a\_b \& c\textbackslash{}d")
+
+
+def test_scaling_report_pools_seeds_per_point_and_draws_both_axes():
+    root, folder = write_addnist(tmpdir()), tmpdir()
+    refused = tmpdir()
+    expect_error(lambda: quiet(mm.report, mm.ReportConfig(scaling=folder, out=refused)), "no sub-folder")
+    assert not os.listdir(refused)
+    for name, kw in (("s4", dict(steps=4, runs=2)), ("s6", dict(steps=6)), ("s6_wide", dict(steps=6, arch="12,M,16"))):
+        quiet(mm.classify, tiny_cfg(root, os.path.join(folder, name), **kw))
+    quiet(mm.report, mm.ReportConfig(scaling=folder, out=(out := tmpdir())))
+    md = open(os.path.join(out, "report.md")).read()
+    m = json.load(open(os.path.join(folder, "s4", "metrics.json")))  # two seeds pooled into one row
+    test = mm.mean_std([r["test_acc"] for r in m["per_run"]])
+    gap = mm.mean_std([r["train_acc"] - r["test_acc"] for r in m["per_run"]])
+    assert f"| 4 | {m['params']:,} | 2 | {mm.percent(test)} | {mm.percent(gap)} | 0 |" in md, md
+    for axis, xs in (("steps", ["4", "6"]), ("parameters", None)):
+        lines = open(os.path.join(out, f"scaling_{axis}.csv")).read().splitlines()[1:]
+        assert os.path.getsize(os.path.join(out, f"scaling_{axis}.png")) > 1000 and len(lines) == 2 + 2 + 2
+        if xs:  # log10 of each step count, then the budget limit's
+            assert [round(10 ** float(l.split(",")[1])) for l in lines] == [4, 6, 4, 6, 10_000, 10_000]
 
 
 def test_mean_band_uses_the_steps_every_run_has():
