@@ -1046,7 +1046,7 @@ def load_checkpoint(path, command, cfg=None):
     if not isinstance(ck, dict) or ck.get("command") != command:
         raise UserError(f"{path} is not a checkpoint of `mm.py {command}` {ck if isinstance(ck, str) else ''}"
                         f"; point at one it wrote, or start a new run")
-    if command == "generate" and "sample_every" in ck["config"]:  # a field only the old schedule had
+    if getattr(cfg, "sample_only", True) is False and "sample_every" in ck["config"]:  # the old schedule: refuse
         raise UserError(f"{path} was trained with warm-up and EMA counted in steps (mm.py before the schedule "
                         f"scaled with --steps); it cannot continue under today's schedule: start a new --out")
     trained = {**asdict(type(cfg)()), **ck["config"]} if cfg else {}  # a newer field ran at its default

@@ -40,19 +40,15 @@ DEVICE = os.environ.get("MM_TEST_DEVICE", "cpu")  # `python test_mm.py --device 
 HW = mm.Hardware(torch.device(DEVICE), "fp32")  # what the tests train on
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-
 class Skip(Exception):
     """Raised by a test whose optional reference is not installed: reported as skipped, never as passed."""
-
 
 def tmpdir():
     d = tempfile.mkdtemp(prefix="mm_test_")
     TMP_DIRS.append(d)
     return d
 
-
 TMP_DIRS = []
-
 
 def expect_error(fn, *needles):
     """Run fn, demand a UserError whose one-line message contains every needle; return the message."""
@@ -66,14 +62,12 @@ def expect_error(fn, *needles):
         return msg
     raise AssertionError(f"expected a UserError mentioning {needles}")
 
-
 def quiet(fn, *args, **kw):
     """Call fn with its stdout and stderr captured; returns (result, captured text)."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         out = fn(*args, **kw)
     return out, buf.getvalue()
-
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures in the official on-disk formats
@@ -89,7 +83,6 @@ def write_addnist(d, n=(48, 16, 24), seed=0):
         json.dump({"num_classes": 20, "input_shape": [n[0], 3, 28, 28]}, f)
     return d
 
-
 def addnist_zip_bytes(nested=True):
     """The article zip, with the files inside a folder of a zip inside the zip (both layouts are handled)."""
     src = write_addnist(tmpdir())
@@ -103,7 +96,6 @@ def addnist_zip_bytes(nested=True):
     with zipfile.ZipFile(outer, "w") as z:
         z.writestr("AddNIST.zip", inner.getvalue())
     return outer.getvalue()
-
 
 def cifar100_tar_bytes(n_train=20, n_test=10, seed=0, smooth=False):
     """cifar-100-python.tar.gz: pickles with bytes keys, b'data' uint8 (N, 3072) channel-major.
@@ -127,7 +119,6 @@ def cifar100_tar_bytes(n_train=20, n_test=10, seed=0, smooth=False):
         info.size = len(blob)
         tar.addfile(info, io.BytesIO(blob))
     return buf.getvalue()
-
 
 @contextlib.contextmanager
 def http_server(routes):
@@ -156,7 +147,6 @@ def http_server(routes):
         server.shutdown()
         server.server_close()
 
-
 @contextlib.contextmanager
 def patched(module, **values):
     old = {k: getattr(module, k) for k in values}
@@ -168,7 +158,6 @@ def patched(module, **values):
         for k, v in old.items():
             setattr(module, k, v)
 
-
 # Tiny configs of the three commands (each runs in seconds on a CPU)
 
 def tiny_cfg(root, out, **kw):
@@ -176,12 +165,10 @@ def tiny_cfg(root, out, **kw):
                 eval_train=32, warmup=2, device=DEVICE)
     return mm.ClassifyConfig(**{**base, **kw})
 
-
 def tiny_gen_cfg(root, out, **kw):
     base = dict(data_dir=root, out=out, widths="8,16,16", emb_dim=32, steps=6, batch_size=8, warmup=0.3,
                 sampler_steps=2, fid_samples=16, sample_batch=16, log_every=3, device=DEVICE)
     return mm.GenerateConfig(**{**base, **kw})
-
 
 @contextlib.contextmanager
 def tiny_cifar(n_train=24, n_test=16, smooth=False, root=None):
@@ -198,11 +185,9 @@ def tiny_cifar(n_train=24, n_test=16, smooth=False, root=None):
             patched(fid, WEIGHTS_URL=closed + "/w.pth"):
         yield root
 
-
 def tiny_gradflow_cfg(root, out, **kw):
     base = dict(data_dir=root, out=out, depth=8, epochs=2, batch_size=4, val_size=4, log_every=5, device=DEVICE)
     return mm.GradflowConfig(**{**base, **kw})
-
 
 # ---------------------------------------------------------------------------------------------
 # data.py: downloads
@@ -230,7 +215,6 @@ def test_download_good_file_then_cached_offline():
         if old is not None:
             os.environ["MM_TRUST_LOCAL"] = old
 
-
 def test_download_wrong_checksum_is_kept_aside():
     dest = os.path.join(tmpdir(), "file.bin")
     with http_server({"/f": (200, b"not the real bytes", None)}) as (url, hits):
@@ -241,7 +225,6 @@ def test_download_wrong_checksum_is_kept_aside():
         expect_error(lambda: quiet(data.download, url + "/f", dest, md5="0" * 32), "md5")
         assert len(hits) == 2
 
-
 def test_download_sha256_prefix_accepted():
     body = b"weights" * 1000
     dest = os.path.join(tmpdir(), "w.pth")
@@ -249,14 +232,12 @@ def test_download_sha256_prefix_accepted():
         quiet(data.download, url + "/w", dest, sha256=hashlib.sha256(body).hexdigest()[:8])
     assert os.path.getsize(dest) == len(body)
 
-
 def test_download_truncated_leaves_nothing():
     dest = os.path.join(tmpdir(), "file.bin")
     with http_server({"/f": (200, b"x" * 1000, 5000)}) as (url, _):
         msg = expect_error(lambda: quiet(data.download, url + "/f", dest), "by hand", dest)
     assert "truncated" in msg or "broke off" in msg, msg
     assert not os.path.exists(dest) and not os.path.exists(dest + ".part")
-
 
 def test_download_server_error_and_no_network():
     dest = os.path.join(tmpdir(), "file.bin")
@@ -266,7 +247,6 @@ def test_download_server_error_and_no_network():
         closed = url  # the port is free again once the server has shut down
     expect_error(lambda: quiet(data.download, closed + "/f", dest), "no network", "put it at " + dest)
     assert not os.path.exists(dest) and not os.path.exists(dest + ".part")
-
 
 # ---------------------------------------------------------------------------------------------
 # data.py: AddNIST and CIFAR-100 parsing
@@ -284,14 +264,12 @@ def test_addnist_zip_download_extract_and_load():
         assert np.array_equal(x, np.load(os.path.join(ref, "train_x.npy")))
         assert sorted(os.listdir(root)) == ["addnist"], os.listdir(root)  # no .part, .tmp or zip left
 
-
 def test_addnist_folder_accepted_and_test_split_guarded():
     root = write_addnist(tmpdir())
     x, y = data.load_split("addnist", "valid", root)  # a folder of the six files is used as is
     assert x.shape == (16, 3, 28, 28)
     expect_error(lambda: data.load_split("addnist", "test", root), "load_test")
     expect_error(lambda: data.load_split("cifar100", "test", root), "load_test")
-
 
 def test_addnist_bad_inputs():
     root = write_addnist(tmpdir())
@@ -307,14 +285,12 @@ def test_addnist_bad_inputs():
         f.write(b"garbage!")
     expect_error(lambda: data.load_split("addnist", "train", os.path.dirname(f.name)), "train_y.npy")
 
-
 def test_addnist_corrupt_zip():
     root = tmpdir()
     with http_server({"/z": (200, b"PK\x03\x04 this is not a zip", None)}) as (url, _):
         with patched(data, ADDNIST_URL=url + "/z"):
             expect_error(lambda: quiet(data.load_split, "addnist", "train", root), "addnist.zip", ".bad")
     assert not os.path.exists(os.path.join(root, "addnist"))
-
 
 def test_cifar100_parse_and_errors():
     blob = cifar100_tar_bytes()
@@ -342,7 +318,6 @@ def test_cifar100_parse_and_errors():
     expect_error(lambda: data.load_split("cifar100", "train", bad_root), ".bad")
     assert not os.path.exists(os.path.join(bad_root, "cifar-100-python.tar.gz"))
 
-
 # ---------------------------------------------------------------------------------------------
 # The classifier's pieces against references
 
@@ -358,12 +333,10 @@ def test_sum_log_probs_matches_brute_force():
         np.testing.assert_allclose(ours[b].exp().numpy(), ref[1:21], rtol=1e-5, atol=1e-7)
     print(f"OK sum_log_probs vs brute force (maxdiff {abs(ours[b].exp().numpy() - ref[1:21]).max():.1e})")
 
-
 def test_sum_head_reads_certain_digits():
     digits = torch.tensor([[0, 0, 1], [9, 9, 2], [3, 4, 5], [1, 8, 0]])  # sums 1, 20, 12, 9
     logits = torch.nn.functional.one_hot(digits, 10).float() * 50  # (4, 3, 10), near-certain digits
     assert mm.sum_log_probs(logits).argmax(1).tolist() == (digits.sum(1) - 1).tolist()
-
 
 def test_trunk_parameter_counts_and_head_sizes_are_analytic():
     # Default digit trunk 32,M,48,M,64,96 + GAP head, counted by hand: a 3x3 conv has 9*in*out weights (no
@@ -379,7 +352,6 @@ def test_trunk_parameter_counts_and_head_sizes_are_analytic():
         else:
             expect_error(lambda: mm.make_classifier(mm.ClassifyConfig(arch=arch)), "below 1 pixel")
 
-
 def test_augment_identity_and_background():
     cfg = mm.ClassifyConfig(shift=0, rotate=0, zoom=0, elastic=0)
     x = torch.randn(4, 3, 28, 28)
@@ -392,7 +364,6 @@ def test_augment_identity_and_background():
     torch.manual_seed(0)
     y = mm.augment_digits(x, cfg, -0.5)
     assert not torch.allclose(y[:, 0], y[:, 1] + (x[:, 0] - x[:, 1]), atol=1e-2)  # channels warp apart
-
 
 def test_tta_views_shift_in_background_and_never_wrap():
     seen = []
@@ -409,7 +380,6 @@ def test_tta_views_shift_in_background_and_never_wrap():
         assert torch.equal(view, expected), (dy, dx)
     assert len(seen) == 5 and torch.equal(seen[0], x) and (seen[1][:, :, 0] == -0.42).all()  # (1, 0): top row empty
 
-
 def test_budget_penalty_rules():
     p = mm.budget_penalty
     assert p(99_999, 100_000, False) == 0 and p(100_000, 100_000, False) == 5  # "< 100,000"
@@ -417,7 +387,6 @@ def test_budget_penalty_rules():
     assert p(110_001, 100_000, False) == 10  # part of a further 10 % costs 5 more
     assert p(10_000, 10_000, True) == 0 and p(10_001, 10_000, True) == 5 and p(20_000, 10_000, True) == 50
     assert mm.count_params(mm.make_classifier(mm.ClassifyConfig())) < mm.CLASSIFY_PARAM_LIMIT  # the default fits
-
 
 def test_budgets_refused_unless_penalty_accepted():
     root = write_addnist(tmpdir())
@@ -429,7 +398,6 @@ def test_budgets_refused_unless_penalty_accepted():
         m, out = quiet(mm.classify, tiny_cfg(root, tmpdir(), steps=6, allow_penalty=True))
     assert "-25 marks" in out and m["steps"] == 6, out  # 6 steps is 50 % over 4: 5 x 5
 
-
 def test_overfits_a_tiny_batch():
     root = write_addnist(tmpdir(), n=(16, 16, 16))
     cfg = tiny_cfg(root, tmpdir(), arch="16,M,32,M,64", batch_size=16, steps=120, lr=1e-2, warmup=10,
@@ -439,7 +407,6 @@ def test_overfits_a_tiny_batch():
     assert m["train_acc_mean"] == 1.0 and m["train_loss_mean"] < 0.05, m["train_loss_mean"]
     assert m["test_acc_mean"] < 0.5  # random labels: nothing to generalise, so the test set stays near chance
 
-
 def test_seeded_runs_are_deterministic():
     root = write_addnist(tmpdir())
     a, _ = quiet(mm.classify, tiny_cfg(root, tmpdir()))
@@ -447,7 +414,6 @@ def test_seeded_runs_are_deterministic():
     c, _ = quiet(mm.classify, tiny_cfg(root, tmpdir(), seed=1))
     assert a["per_run"][0]["curves"] == b["per_run"][0]["curves"] and a["train_loss_mean"] == b["train_loss_mean"]
     assert a["train_loss_mean"] != c["train_loss_mean"]
-
 
 def test_classify_resume_is_exact():
     root = write_addnist(tmpdir())
@@ -465,7 +431,6 @@ def test_classify_resume_is_exact():
     assert resumed["per_run"][0]["curves"] == straight["per_run"][0]["curves"]
     again, log = quiet(mm.classify, tiny_cfg(root, out2, resume=True))  # finished: nothing is retrained
     assert "already finished" in log and again["test_acc_mean"] == straight["test_acc_mean"]
-
 
 def test_classify_resume_keeps_the_budget_and_never_overwrites():
     root, out = write_addnist(tmpdir()), tmpdir()
@@ -493,7 +458,6 @@ def test_outputs_metrics_and_plot():
     rows = open(os.path.join(out, "accuracy.csv")).read().splitlines()  # the numbers behind the figure
     assert rows[0] == "label,x,y,band_low,band_high" and len(rows) == 1 + 2 * 2 * 2  # 2 runs x train/test x 2 evals
 
-
 def test_train_only_runs_score_the_held_out_valid_split():
     root = write_addnist(tmpdir())
     m, log = quiet(mm.classify, tiny_cfg(root, out := tmpdir(), train_on="train"))
@@ -504,7 +468,6 @@ def test_train_only_runs_score_the_held_out_valid_split():
     x, y = (torch.from_numpy(a) for a in data.load_split("addnist", "valid", root))
     assert (m["per_run"][0]["valid_loss"], m["per_run"][0]["valid_acc"]) == mm.evaluate(model, x, y, tta=True)
 
-
 def test_seed_k_of_a_multi_seed_run_equals_that_seed_run_alone():
     # so seeds trained as separate processes (--seed 0 ... --seed 4, as the README's ablation did) give
     # exactly the figures of one --runs 5 invocation
@@ -513,7 +476,6 @@ def test_seed_k_of_a_multi_seed_run_equals_that_seed_run_alone():
     alone = quiet(mm.classify, tiny_cfg(root, tmpdir(), seed=1))[0]["per_run"][0]
     drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
     assert together["seed"] == alone["seed"] == 1 and drop(together) == drop(alone)
-
 
 def test_cli_help_and_one_line_errors():
     helps = mm.field_help(mm.ClassifyConfig)
@@ -539,7 +501,6 @@ def test_cli_help_and_one_line_errors():
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
 
-
 # ---------------------------------------------------------------------------------------------
 # The generator
 
@@ -557,7 +518,6 @@ def test_edm_scalings_and_schedule_closed_forms():
     assert len(s) == 19 and abs(s[0] - 80) < 1e-9 and abs(s[17] - 0.002) < 1e-12 and s[18] == 0
     assert bool((s[1:] < s[:-1]).all())
 
-
 class RecordingNet(torch.nn.Module):
     """Stands in for the U-Net: records what edm_loss feeds it and returns the noisy input."""
     n_classes = 100
@@ -569,7 +529,6 @@ class RecordingNet(torch.nn.Module):
     def forward(self, x, sigma, emb):
         self.seen = (x.detach(), sigma.detach(), emb.detach())
         return x
-
 
 def test_forward_noising_matches_closed_form():
     torch.manual_seed(0)
@@ -583,7 +542,6 @@ def test_forward_noising_matches_closed_form():
     assert abs(ls.mean() - cfg.p_mean) < 0.06 and abs(ls.std() - cfg.p_std) < 0.06
     assert abs((torch.stack([net.class_embed.weight[100]] * 1) - 0).abs().sum()) > 0  # the null class exists
 
-
 class GaussianDenoiser(torch.nn.Module):
     """The exact denoiser of data ~ N(0, s_d² I): D(x; σ) = x s_d² / (σ² + s_d²)."""
     n_classes = 100
@@ -594,7 +552,6 @@ class GaussianDenoiser(torch.nn.Module):
 
     def forward(self, x, sigma, emb):
         return x * self.sd ** 2 / (sigma[:, None, None, None] ** 2 + self.sd ** 2)
-
 
 def test_heun_sampler_solves_the_ode():
     # For Gaussian data the probability-flow ODE has the closed form x(σ) = x(σ0) sqrt(σ² + s_d²)/sqrt(σ0² + s_d²).
@@ -609,9 +566,7 @@ def test_heun_sampler_solves_the_ode():
     print(f"OK Heun sampler vs exact ODE solution (rel err {err[18]:.1e} at 18 steps, {err[200]:.1e} at 200, "
           f"order {math.log2(err[100] / err[200]):.2f})")
 
-
 TRAINED = {}  # a tiny generator run shared by the tests that only read its outputs
-
 
 def tiny_trained_generator():
     """(data root, out folder, metrics) of one tiny generate run, trained once per test session."""
@@ -622,13 +577,11 @@ def tiny_trained_generator():
         TRAINED.update(root=root, out=out, metrics=metrics, log=log)
     return TRAINED
 
-
 def test_generate_prints_its_budget_and_records_why_fid_is_missing():
     run = tiny_trained_generator()
     assert "> Number of parameters" in run["log"] and "> Number of optimisation steps" in run["log"]
     m = run["metrics"]
     assert m["fid"] is None and "Inception weights" in m["fid_unavailable"]  # offline: null with the reason
-
 
 def test_generate_metrics_hold_every_key():
     saved = json.load(open(os.path.join(tiny_trained_generator()["out"], "metrics.json")))
@@ -636,7 +589,6 @@ def test_generate_metrics_hold_every_key():
                 "train_seconds", "sample_seconds"):
         assert key in saved, key
     assert saved["nfe"] == 3 and saved["loss_curve"]["step"] == [3, 6] and saved["steps"] == 6
-
 
 def test_generate_writes_samples_and_grids():
     out = tiny_trained_generator()["out"]
@@ -662,7 +614,6 @@ def test_generate_writes_samples_and_grids():
     assert np.allclose(nearest[8:], np.sort(to_train)[:8], rtol=1e-5)  # then the 8 closest to a training image
     assert 0 <= saved["pixel_copy_rate"] <= 1 and saved["pixel_copy"]["median_ratio"] > 0
 
-
 def test_sample_only_reproduces_the_samples():
     run = tiny_trained_generator()
     out2 = tmpdir()  # the sampler is deterministic: the same checkpoint gives the same images
@@ -670,7 +621,6 @@ def test_sample_only_reproduces_the_samples():
         quiet(mm.generate, tiny_gen_cfg(root, out2, sample_only=True, ckpt=os.path.join(run["out"], "ckpt.pt")))
     assert np.array_equal(np.load(os.path.join(out2, "samples.npz"))["images"],
                           np.load(os.path.join(run["out"], "samples.npz"))["images"])
-
 
 def test_generate_refuses_a_missing_checkpoint_and_an_overwrite():
     run = tiny_trained_generator()
@@ -693,7 +643,6 @@ def test_a_failure_while_scoring_keeps_the_samples_and_their_record():
     assert saved["steps"] == 6 and saved["fid_samples"] == 64 and "fid" not in saved
     assert np.load(os.path.join(out, "samples.npz"))["images"].shape == (64, 3, 32, 32)
 
-
 def test_interpolation_end_frames_are_the_samples():
     torch.manual_seed(0)
     cfg = tiny_gen_cfg("", "")
@@ -712,14 +661,12 @@ def test_interpolation_end_frames_are_the_samples():
     mid = mm.slerp(za[0], zb[0], 0.5)
     assert abs(mid.norm() / za[0].norm() - 1) < 0.05  # slerp keeps a Gaussian sample's norm (lerp would shrink it)
 
-
 def test_generator_budgets_are_refused():
     with tiny_cifar(n_train=16, smooth=True) as root:
         expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), widths="64,128,256")), "1,000,000",
                      "--allow-penalty")
         expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), steps=50_001)), "50,001", "-5 marks")
         expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), widths="8,12,16")), "multiple of 8")
-
 
 def test_generator_resume_is_exact():
     with tiny_cifar(n_train=16, smooth=True) as root:
@@ -737,7 +684,6 @@ def test_generator_resume_is_exact():
         assert np.array_equal(np.load(os.path.join(straight, "samples.npz"))["images"],
                               np.load(os.path.join(part, "samples.npz"))["images"])
         expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, part, resume=True, steps=50_001)), "budget")
-
 
 def test_generator_loss_falls_on_a_tiny_dataset():
     with tiny_cifar(n_train=16, smooth=True) as root:
@@ -764,7 +710,6 @@ def test_generator_flips_only_when_asked():
             assert ((xb == original).flatten(1).all(1) | mirrored).all()  # every image is its source, or mirrored
             assert mirrored.any() if flip else not mirrored.any()
 
-
 # ---------------------------------------------------------------------------------------------
 # The depth study
 
@@ -782,7 +727,6 @@ def test_vgg_layer_and_parameter_counts():
     assert names[:3] == ["s1.b1.c1", "s1.b1.c2", "s1.b2.c1"] and names[10:12] == ["s1.red.c1", "s1.red.c2"]
     expect_error(lambda: mm.VGG(9), "--depth")
 
-
 def test_gradient_flow_matches_hand_computation():
     net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     w1, b1, w2 = np.array([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]), np.array([0.1, -0.2]), np.array([[2.0, -4.0]])
@@ -799,7 +743,6 @@ def test_gradient_flow_matches_hand_computation():
     for k in ref:
         assert abs(flow[k] - ref[k]) < 1e-6, (k, flow[k], ref[k])
 
-
 def test_residual_and_bn_wiring():
     x = torch.rand(2, 8, 6, 6)  # non-negative, like the output of a previous leaky ReLU
     for bn in (False, True):
@@ -813,7 +756,6 @@ def test_residual_and_bn_wiring():
     assert isinstance(mm.ReductionBlock(8, False).bn1, torch.nn.Identity)
     assert mm.ReductionBlock(8, False)(x).shape == (2, 8, 3, 3)
 
-
 def test_crop_flip_moves_pixels_only():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     torch.manual_seed(0)
@@ -822,7 +764,6 @@ def test_crop_flip_moves_pixels_only():
         assert torch.equal(y[i], x[i]) or torch.equal(y[i], x[i].flip(2))
     y = mm.crop_flip(x, pad=2)
     assert y.shape == x.shape and set(y.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
-
 
 def test_gradflow_runs_on_tiny_cifar_and_resumes():
     root = tmpdir()
@@ -844,7 +785,6 @@ def test_gradflow_runs_on_tiny_cifar_and_resumes():
     for png in ("gradflow.png", "curves.png"):
         assert os.path.getsize(os.path.join(run, png)) > 1000
 
-
 def test_interrupt_stops_at_the_next_step():
     root, out = write_addnist(tmpdir()), tmpdir()
     with patched(mm, STOP=[2]):  # as if Ctrl-C came during the first step
@@ -855,7 +795,6 @@ def test_interrupt_stops_at_the_next_step():
         expect_error(lambda: quiet(mm.gradflow, cfg), "interrupted in epoch 1", "no epoch had finished",
                      "repeats epoch 1")
         assert not any("ckpt.pt" in f for _, _, fs in os.walk(cfg.out) for f in fs)  # no half-epoch checkpoint
-
 
 # ---------------------------------------------------------------------------------------------
 # The run skeleton: a resumed run follows the schedule it started with, and every record tells the truth
@@ -873,11 +812,9 @@ def counting_steps(optimizer_class):
     with patched(optimizer_class, step=counted):
         yield counter
 
-
 def flags_in(msg, field, old, new):
     flag = "--" + field.replace("_", "-")
     assert f"{flag} {old}" in msg and f"{flag} {new}" in msg, msg
-
 
 def test_classify_resume_refuses_another_schedule():
     root, out = write_addnist(tmpdir()), tmpdir()
@@ -903,7 +840,6 @@ def test_classify_resume_refuses_another_schedule():
                  "--label-smoothing 0.05")
     assert "from step 3" in quiet(mm.classify, tiny_cfg(root, old, resume=True))[1]
 
-
 def test_fp16_resume_and_sample_only_of_a_run_trained_without_fp16():
     # A T4 continues a run begun on a CPU or an A100: its checkpoint holds an empty GradScaler state,
     # which must not be loaded into the enabled fp16 scaler (that raised a traceback).
@@ -916,7 +852,6 @@ def test_fp16_resume_and_sample_only_of_a_run_trained_without_fp16():
         g, _ = quiet(mm.generate, tiny_gen_cfg(croot, gen, sample_only=True, precision="fp16"))
     assert g["mixed_precision"] == "fp16" and g["steps"] == 6
 
-
 def test_gradflow_resume_refuses_other_epochs():
     with tiny_cifar() as root:  # the reported case: an unfinished 2-epoch run resumed with --epochs 1
         out = tmpdir()
@@ -927,7 +862,6 @@ def test_gradflow_resume_refuses_other_epochs():
         m = json.load(open(os.path.join(out, "VGG_08", "seed0", "metrics.json")))
         assert m["curves"]["epoch"] == [1, 2] and m["epochs"] == 2 and rows[0]["epochs"] == 2
 
-
 def test_generate_resume_refuses_another_schedule():
     with tiny_cifar() as root:
         out = tmpdir()
@@ -936,7 +870,6 @@ def test_generate_resume_refuses_another_schedule():
             msg = expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, out, resume=True, **{field: value})),
                                "resume with the values")
             flags_in(msg, field, getattr(tiny_gen_cfg(root, out), field), value)
-
 
 def test_generate_refuses_a_checkpoint_of_the_step_count_schedule():
     # Before warm-up and EMA scaled with --steps, a checkpoint's config had sample_every (warm-up 1,000 steps,
@@ -949,7 +882,8 @@ def test_generate_refuses_a_checkpoint_of_the_step_count_schedule():
         ck["config"].update(sample_every=5000, warmup=1000, ema=0.9995)
         torch.save(ck, path)
         expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, out, resume=True)), "counted in steps", "new --out")
-
+        m, _ = quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), sample_only=True, ckpt=path))  # sampling still works
+    assert m["steps"] == 3
 
 def test_pause_at_or_before_the_checkpoint_is_refused_and_steps_are_counted():
     root, out = write_addnist(tmpdir()), tmpdir()
@@ -969,7 +903,6 @@ def test_pause_at_or_before_the_checkpoint_is_refused_and_steps_are_counted():
         g, _ = quiet(mm.generate, tiny_gen_cfg(croot, out, resume=True))
     assert taken[0] == 6 and g["steps"] == 6 and g["loss_curve"]["step"] == [3, 6]
 
-
 def test_a_refused_resume_rewrites_no_record():
     root, out = write_addnist(tmpdir()), tmpdir()
     quiet(mm.classify, tiny_cfg(root, out))
@@ -984,7 +917,6 @@ def test_a_refused_resume_rewrites_no_record():
         expect_error(lambda: quiet(mm.gradflow, tiny_gradflow_cfg(croot, out, epochs=5, resume=True)), "--epochs 1")
         assert open(os.path.join(out, "config.json"), "rb").read() == record
 
-
 def test_sample_only_reports_the_checkpoint_it_sampled():
     with tiny_cifar() as root:
         out = tmpdir()
@@ -995,7 +927,6 @@ def test_sample_only_reports_the_checkpoint_it_sampled():
                                                  ckpt=os.path.join(out, "ckpt.pt")))
     assert m["steps"] == 4 and m["params"] == n_params and "steps 50,000" not in log, log
     assert m["config"]["widths"] == "8,16,16" and m["config"]["steps"] == 6
-
 
 def test_p_uncond_drops_labels_at_its_rate():
     seen = []
@@ -1019,7 +950,6 @@ def test_p_uncond_drops_labels_at_its_rate():
         assert abs(dropped.float().mean().item() - rate) < 0.015, (rate, dropped.float().mean())  # ~5 std
         assert torch.equal(seen[-1][~dropped], labels[~dropped])  # the others keep their class
 
-
 # ---------------------------------------------------------------------------------------------
 # Misuse: every bad call gets one line on stderr, exit non-zero, and touches no file
 
@@ -1034,14 +964,12 @@ def snapshot(*folders):
         files[folder] = os.path.exists(folder)
     return files
 
-
 def run_script(script, *args):
     env = dict(os.environ, MM_TEST_DEVICE=DEVICE)
     if script == "mm.py":  # the tiny CIFAR archive has no official checksum; fid.py's cases check theirs
         env["MM_TRUST_LOCAL"] = "1"
     return subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True,
                           timeout=300, env=env, stdin=subprocess.DEVNULL)
-
 
 def test_bad_invocations_get_one_line_and_touch_nothing():
     addnist = write_addnist(tmpdir())
@@ -1125,7 +1053,6 @@ def test_bad_invocations_get_one_line_and_touch_nothing():
     changed = sorted(set(before.items()) ^ set(after.items()))
     assert not changed and os.path.exists(weights), changed  # nothing created, changed or renamed
 
-
 def test_second_ctrl_c_says_which_checkpoint_is_kept():
     def pressed_twice(cfg):
         mm.save_checkpoint(os.path.join(out, "ckpt.pt"), {"step": 40})
@@ -1140,7 +1067,6 @@ def test_second_ctrl_c_says_which_checkpoint_is_kept():
             msg = str(e.code)
     assert msg.startswith("error: aborted") and "ckpt.pt (after 40)" in msg and "\n" not in msg, msg
 
-
 def test_missing_data_folder_is_announced_and_a_file_refused():
     with http_server({"/f.bin": (200, b"payload", None)}) as (url, _):
         dest = os.path.join(tmpdir(), "not", "there", "f.bin")
@@ -1149,7 +1075,6 @@ def test_missing_data_folder_is_announced_and_a_file_refused():
     a_file = os.path.join(tmpdir(), "f")
     open(a_file, "w").close()
     expect_error(lambda: data.data_root(a_file), "is a file")
-
 
 # ---------------------------------------------------------------------------------------------
 # GPU readiness, proven on the CPU: device mix-ups (meta device), mixed precision (CPU bf16), a static scan
@@ -1194,12 +1119,10 @@ def one_step_of_each(hw):
     scaler.step(opt)
     return out
 
-
 def test_steps_stay_on_the_device():
     # Every tensor lives on the meta device: one made on the CPU by mistake meets it and raises.
     out = one_step_of_each(mm.Hardware(torch.device("meta"), "fp32"))
     assert all(v.device.type == "meta" for v in out.values()), {k: v.device for k, v in out.items()}
-
 
 def test_steps_under_cpu_bf16_autocast_keep_float32_losses():
     out = one_step_of_each(mm.Hardware(torch.device("cpu"), "bf16"))
@@ -1207,7 +1130,6 @@ def test_steps_under_cpu_bf16_autocast_keep_float32_losses():
         assert out[name].dtype == torch.float32 and torch.isfinite(out[name]), (name, out[name])
     assert torch.isfinite(out["classify_tta"]).all() and out["sampler"].dtype == torch.float32
     assert torch.isfinite(out["sampler"]).all()
-
 
 def test_loops_have_no_per_step_sync_and_loads_stay_on_cpu():
     """A static rule, kept because no CPU test can see the GPU hazards it guards: a host sync in every
@@ -1237,7 +1159,6 @@ def test_loops_have_no_per_step_sync_and_loads_stay_on_cpu():
     for loop in step_loops:
         check(loop, False)
 
-
 def test_foreach_ema_equals_the_per_tensor_update():
     torch.manual_seed(0)
     model, ema = mm.VGG(8, bn=True), mm.VGG(8, bn=True)
@@ -1248,7 +1169,6 @@ def test_foreach_ema_equals_the_per_tensor_update():
     mm.ema_update(ema, model, 0.9)
     for k, v in ema.state_dict().items():
         assert torch.equal(v, reference[k]), k
-
 
 def test_power_ema_averages_the_run_with_width_sigma_rel():
     # EDM2 Sec. 3.1: the power EMA weighs past time tau of a run of length t as tau^gamma, so the mean of
@@ -1267,7 +1187,6 @@ def test_power_ema_averages_the_run_with_width_sigma_rel():
     ends = [(1 - mm.power_ema_decay(0.04, steps - 1)) * steps for steps in (2000, 50_000)]  # both about gamma + 1
     assert abs(ends[0] / ends[1] - 1) < 0.01, ends
 
-
 def test_ema_warm_up_reaches_its_decay():
     # The warm-up (1+t)/(10+t) first reaches d at t = (10d - 1)/(1 - d): 8,990 for 0.999, 80 for 0.9.
     for limit, first in ((0.999, 8990), (0.9, 80)):
@@ -1283,6 +1202,79 @@ def test_precision_is_picked_per_device():
     assert mm.grad_scaler(mm.Hardware(torch.device("cpu"), "fp16")).is_enabled()
     assert not mm.grad_scaler(mm.Hardware(torch.device("cpu"), "bf16")).is_enabled()
 
+# ---------------------------------------------------------------------------------------------
+# Figures and the report
+
+def test_ticks_are_round_and_cover_the_data():
+    for lo, hi, integer in ((0.08303, 0.2237, False), (0, 10_000, True), (1, 1, True), (-0.00025, 0.0031, False),
+                            (0.97, 0.9991, False), (1, 2, True)):
+        ticks, step = mm.nice_ticks(lo, hi, integer=integer)
+        assert ticks[0] <= lo and ticks[-1] >= hi and 2 <= len(ticks) <= 11, (lo, hi, ticks)
+        mantissa = step / 10 ** math.floor(math.log10(step))
+        assert round(mantissa, 6) in (1, 2, 2.5, 5), step  # round steps only
+        assert not integer or float(step).is_integer()  # epochs get whole ticks, never 1.2 or 1.4
+        labels = [mm.tick_text(v, step) for v in ticks]
+        assert len(set(labels)) == len(labels) and all(len(s) <= 8 for s in labels), labels  # no 0.08303
+
+def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
+    root = write_addnist(tmpdir())
+    runs = {name: tmpdir() for name in ("classify", "generate", "gradflow")}
+    quiet(mm.classify, tiny_cfg(root, runs["classify"], runs=2))
+    with tiny_cifar() as croot:
+        quiet(mm.generate, tiny_gen_cfg(croot, runs["generate"]))
+        quiet(mm.gradflow, tiny_gradflow_cfg(croot, runs["gradflow"], runs=2, epochs=1))
+    out = tmpdir()
+    quiet(mm.report, mm.ReportConfig(classify=runs["classify"], generate=runs["generate"],
+                                     gradflow=runs["gradflow"], out=out))
+    md, tex = open(os.path.join(out, "report.md")).read(), open(os.path.join(out, "report.tex")).read()
+    c = json.load(open(os.path.join(runs["classify"], "metrics.json")))
+    for key in ("train_acc", "test_acc"):
+        assert f"{100 * c[key + '_mean']:.2f} ± {100 * c[key + '_std']:.2f}" in md, key
+    assert f"{c['train_loss_mean']:.4f} ± {c['train_loss_std']:.4f}" in md and "penalty: 0 marks" in md
+    g = json.load(open(os.path.join(runs["generate"], "metrics.json")))
+    assert f"NFE {g['nfe']}" in md and f"{g['pixel_copy_rate']:.4g}" in md and "| fid | null |" in md
+    v = json.load(open(os.path.join(runs["gradflow"], "metrics.json")))
+    assert f"{100 * v['table'][0]['test_acc_mean']:.2f} ± {100 * v['table'][0]['test_acc_std']:.2f}" in md
+    assert "best-validation epoch" in md  # the depth table says where its test column comes from
+    for name in ("classifier_accuracy", "depth_accuracy", "depth_gradflow"):
+        assert os.path.getsize(os.path.join(out, name + ".png")) > 1000
+        assert os.path.exists(os.path.join(out, name + ".csv")) and f"{{{name}.png}}" in tex
+    for name in ("generator_samples.png", "generator_interpolations.png", "generator_neighbours.png"):
+        assert os.path.exists(os.path.join(out, name)) and name in tex
+    depth = 0  # braces balance (escaped \{ \} aside) and never close more than they opened
+    for ch in tex.replace("\\{", "").replace("\\}", ""):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        assert depth >= 0
+    assert depth == 0 and "\\documentclass" not in tex and "\\begin{document}" not in tex  # \input-safe
+    assert tex.count("\\begin{table") == tex.count("\\end{table") == 3  # classifier, panel, depth
+    # Every LaTeX special is escaped, once: the text reads back as typed.
+    assert mm.tex("--batch-size $5 {a} ~ ^ 10% #1 a_b & c\\d") == (
+        r"-{}-batch-size \$5 \{a\} \textasciitilde{} \textasciicircum{} 10\% \#1 a\_b \& c\textbackslash{}d")
+
+def test_scaling_report_pools_seeds_per_point_and_draws_both_axes():
+    root, folder = write_addnist(tmpdir()), tmpdir()
+    refused = tmpdir()
+    expect_error(lambda: quiet(mm.report, mm.ReportConfig(scaling=folder, out=refused)), "no sub-folder")
+    assert not os.listdir(refused)
+    for name, kw in (("s4", dict(steps=4, runs=2)), ("s6", dict(steps=6)), ("s6_wide", dict(steps=6, arch="12,M,16"))):
+        quiet(mm.classify, tiny_cfg(root, os.path.join(folder, name), **kw))
+    quiet(mm.report, mm.ReportConfig(scaling=folder, out=(out := tmpdir())))
+    md = open(os.path.join(out, "report.md")).read()
+    m = json.load(open(os.path.join(folder, "s4", "metrics.json")))  # two seeds pooled into one row
+    test = mm.mean_std([r["test_acc"] for r in m["per_run"]])
+    gap = mm.mean_std([r["train_acc"] - r["test_acc"] for r in m["per_run"]])
+    assert f"| 4 | {m['params']:,} | 2 | {mm.percent(test)} | {mm.percent(gap)} | 0 |" in md, md
+    for axis, xs in (("steps", ["4", "6"]), ("parameters", None)):
+        lines = open(os.path.join(out, f"scaling_{axis}.csv")).read().splitlines()[1:]
+        assert os.path.getsize(os.path.join(out, f"scaling_{axis}.png")) > 1000 and len(lines) == 2 + 2 + 2
+        if xs:  # log10 of each step count, then the budget limit's
+            assert [round(10 ** float(l.split(",")[1])) for l in lines] == [4, 6, 4, 6, 10_000, 10_000]
+
+def test_mean_band_uses_the_steps_every_run_has():
+    curves = [{"step": [10, 20, 30], "acc": [0.1, 0.2, 0.3]}, {"step": [10, 30], "acc": [0.3, 0.5]}]
+    line = mm.band_line("acc", (0, 0, 0), curves, "step", "acc")
+    assert line.xs == [10, 30] and np.allclose(line.ys, [0.2, 0.4])
+    assert np.allclose(line.band[0], [0.2 - math.sqrt(0.02), 0.4 - math.sqrt(0.02)])
 
 # ---------------------------------------------------------------------------------------------
 # fid.py: the distance in closed form, the square root against scipy, the network's structure
@@ -1303,7 +1295,6 @@ def test_frechet_distance_closed_forms():
     assert abs(ours - ref) < 1e-10, (ours, ref)
     expect_error(lambda: fid.frechet_distance(mu, sigma, mu[:8], sigma[:8, :8]), "--dims")
 
-
 def test_trace_sqrt_matches_scipy_sqrtm():
     import scipy.linalg
     rng = np.random.default_rng(1)
@@ -1322,7 +1313,6 @@ def test_trace_sqrt_matches_scipy_sqrtm():
         assert "negative eigenvalue" in str(e)
     else:
         raise AssertionError("a covariance with a negative eigenvalue was accepted")
-
 
 def test_inception_structure_and_outputs():
     torch.manual_seed(0)
@@ -1349,7 +1339,6 @@ def test_inception_structure_and_outputs():
     assert torch.equal(fid.tf_avg_pool(c), c)
     assert not torch.equal(torch.nn.functional.avg_pool2d(c, 3, 1, 1), c)  # what torchvision's would do
 
-
 def test_features_run_without_tf32_and_restore_it():
     seen = []
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
@@ -1375,7 +1364,6 @@ def test_features_run_without_tf32_and_restore_it():
     finally:
         torch.backends.fp32_precision, matmul.fp32_precision, conv.fp32_precision = before
 
-
 def test_inception_weights_download_and_strict_load():
     torch.manual_seed(0)
     buf = io.BytesIO()
@@ -1389,7 +1377,6 @@ def test_inception_weights_download_and_strict_load():
     assert os.path.exists(os.path.join(root, "w.pth")) and not net.training
     msg = expect_error(lambda: quiet(fid.load_inception, "cpu", tmpdir()), "Inception weights", "by hand")
     assert fid.WEIGHTS_URL in msg
-
 
 def test_fid_api_stats_cache_and_bad_inputs():
     torch.manual_seed(0)
@@ -1427,7 +1414,6 @@ def test_fid_api_stats_cache_and_bad_inputs():
     expect_error(lambda: fid.inception_features(np.zeros((2, 8, 8), np.uint8), net), "(N, 3, H, W)")
     expect_error(lambda: fid.feature_stats(np.zeros((1, 4))), "at least 2")
 
-
 def test_fid_cli_on_statistics_and_bad_input():
     d = tmpdir()
     rng = np.random.default_rng(0)
@@ -1442,7 +1428,6 @@ def test_fid_cli_on_statistics_and_bad_input():
         r = run(*args)
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(lines) == 1 and needle in lines[0], r.stderr
-
 
 def test_matches_pytorch_fid_package():
     """The same random weights and images through pytorch-fid's own network and distance, where it imports.
@@ -1483,90 +1468,10 @@ def test_matches_pytorch_fid_package():
     assert abs(fid.frechet_distance(*s1, *s2) - ref) < 1e-9 * abs(ref), ref
     print(f"OK features vs pytorch-fid (max rel diff {worst:.1e}), distance vs pytorch-fid ({ref:.6f})")
 
-
 def test_clean_resize_keeps_constant_images():
     flat = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
     out = fid.clean_resize(flat)
     assert out.shape == (1, 3, 299, 299) and torch.allclose(out, torch.full_like(out, 128 / 255), atol=1e-5)
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures and the report
-
-def test_ticks_are_round_and_cover_the_data():
-    for lo, hi, integer in ((0.08303, 0.2237, False), (0, 10_000, True), (1, 1, True), (-0.00025, 0.0031, False),
-                            (0.97, 0.9991, False), (1, 2, True)):
-        ticks, step = mm.nice_ticks(lo, hi, integer=integer)
-        assert ticks[0] <= lo and ticks[-1] >= hi and 2 <= len(ticks) <= 11, (lo, hi, ticks)
-        mantissa = step / 10 ** math.floor(math.log10(step))
-        assert round(mantissa, 6) in (1, 2, 2.5, 5), step  # round steps only
-        assert not integer or float(step).is_integer()  # epochs get whole ticks, never 1.2 or 1.4
-        labels = [mm.tick_text(v, step) for v in ticks]
-        assert len(set(labels)) == len(labels) and all(len(s) <= 8 for s in labels), labels  # no 0.08303
-
-
-def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
-    root = write_addnist(tmpdir())
-    runs = {name: tmpdir() for name in ("classify", "generate", "gradflow")}
-    quiet(mm.classify, tiny_cfg(root, runs["classify"], runs=2))
-    with tiny_cifar() as croot:
-        quiet(mm.generate, tiny_gen_cfg(croot, runs["generate"]))
-        quiet(mm.gradflow, tiny_gradflow_cfg(croot, runs["gradflow"], runs=2, epochs=1))
-    out = tmpdir()
-    quiet(mm.report, mm.ReportConfig(classify=runs["classify"], generate=runs["generate"],
-                                     gradflow=runs["gradflow"], out=out))
-    md, tex = open(os.path.join(out, "report.md")).read(), open(os.path.join(out, "report.tex")).read()
-    c = json.load(open(os.path.join(runs["classify"], "metrics.json")))
-    for key in ("train_acc", "test_acc"):
-        assert f"{100 * c[key + '_mean']:.2f} ± {100 * c[key + '_std']:.2f}" in md, key
-    assert f"{c['train_loss_mean']:.4f} ± {c['train_loss_std']:.4f}" in md and "penalty: 0 marks" in md
-    g = json.load(open(os.path.join(runs["generate"], "metrics.json")))
-    assert f"NFE {g['nfe']}" in md and f"{g['pixel_copy_rate']:.4g}" in md and "| fid | null |" in md
-    v = json.load(open(os.path.join(runs["gradflow"], "metrics.json")))
-    assert f"{100 * v['table'][0]['test_acc_mean']:.2f} ± {100 * v['table'][0]['test_acc_std']:.2f}" in md
-    assert "best-validation epoch" in md  # the depth table says where its test column comes from
-    for name in ("classifier_accuracy", "depth_accuracy", "depth_gradflow"):
-        assert os.path.getsize(os.path.join(out, name + ".png")) > 1000
-        assert os.path.exists(os.path.join(out, name + ".csv")) and f"{{{name}.png}}" in tex
-    for name in ("generator_samples.png", "generator_interpolations.png", "generator_neighbours.png"):
-        assert os.path.exists(os.path.join(out, name)) and name in tex
-    depth = 0  # braces balance (escaped \{ \} aside) and never close more than they opened
-    for ch in tex.replace("\\{", "").replace("\\}", ""):
-        depth += {"{": 1, "}": -1}.get(ch, 0)
-        assert depth >= 0
-    assert depth == 0 and "\\documentclass" not in tex and "\\begin{document}" not in tex  # \input-safe
-    assert tex.count("\\begin{table") == tex.count("\\end{table") == 3  # classifier, panel, depth
-    # Every LaTeX special is escaped, once: the text reads back as typed.
-    assert mm.tex("--batch-size $5 {a} ~ ^ 10% #1 a_b & c\\d") == (
-        r"-{}-batch-size \$5 \{a\} \textasciitilde{} \textasciicircum{} 10\% \#1 a\_b \& c\textbackslash{}d")
-
-
-def test_scaling_report_pools_seeds_per_point_and_draws_both_axes():
-    root, folder = write_addnist(tmpdir()), tmpdir()
-    refused = tmpdir()
-    expect_error(lambda: quiet(mm.report, mm.ReportConfig(scaling=folder, out=refused)), "no sub-folder")
-    assert not os.listdir(refused)
-    for name, kw in (("s4", dict(steps=4, runs=2)), ("s6", dict(steps=6)), ("s6_wide", dict(steps=6, arch="12,M,16"))):
-        quiet(mm.classify, tiny_cfg(root, os.path.join(folder, name), **kw))
-    quiet(mm.report, mm.ReportConfig(scaling=folder, out=(out := tmpdir())))
-    md = open(os.path.join(out, "report.md")).read()
-    m = json.load(open(os.path.join(folder, "s4", "metrics.json")))  # two seeds pooled into one row
-    test = mm.mean_std([r["test_acc"] for r in m["per_run"]])
-    gap = mm.mean_std([r["train_acc"] - r["test_acc"] for r in m["per_run"]])
-    assert f"| 4 | {m['params']:,} | 2 | {mm.percent(test)} | {mm.percent(gap)} | 0 |" in md, md
-    for axis, xs in (("steps", ["4", "6"]), ("parameters", None)):
-        lines = open(os.path.join(out, f"scaling_{axis}.csv")).read().splitlines()[1:]
-        assert os.path.getsize(os.path.join(out, f"scaling_{axis}.png")) > 1000 and len(lines) == 2 + 2 + 2
-        if xs:  # log10 of each step count, then the budget limit's
-            assert [round(10 ** float(l.split(",")[1])) for l in lines] == [4, 6, 4, 6, 10_000, 10_000]
-
-
-def test_mean_band_uses_the_steps_every_run_has():
-    curves = [{"step": [10, 20, 30], "acc": [0.1, 0.2, 0.3]}, {"step": [10, 30], "acc": [0.3, 0.5]}]
-    line = mm.band_line("acc", (0, 0, 0), curves, "step", "acc")
-    assert line.xs == [10, 30] and np.allclose(line.ys, [0.2, 0.4])
-    assert np.allclose(line.band[0], [0.2 - math.sqrt(0.02), 0.4 - math.sqrt(0.02)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1586,7 +1491,6 @@ def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
     within = 2 * (k.sum() - np.trace(k)) / 6
     assert abs(fid.kid(x, x, subsets=1, subset_size=3)[0] - (within - 2 * k.sum() / 9)) < 1e-12
 
-
 def test_prdc_on_constructed_sets():
     rng = np.random.default_rng(1)
     real = rng.normal(size=(300, 8))
@@ -1600,7 +1504,6 @@ def test_prdc_on_constructed_sets():
     chunked = fid.prdc(real, real + 0.3, 3, chunk=7)
     assert chunked == fid.prdc(real, real + 0.3, 3, chunk=1000)  # chunking changes nothing
 
-
 def test_copy_rate_counts_an_exact_training_image():
     rng = np.random.default_rng(2)
     train = rng.integers(0, 256, (50, 3, 8, 8)).astype(np.uint8)
@@ -1612,7 +1515,6 @@ def test_copy_rate_counts_an_exact_training_image():
     assert np.allclose(to_train, brute) and to_train[3] == 0 and to_train[7] == 0
     panel = fid.copy_rate(to_train, fid.nearest_distances(test, train))
     assert panel["copy_rate"] == 2 / 20 and 0.5 < panel["median_ratio"] < 2  # the copies, and only them
-
 
 def test_a_mirrored_copy_is_found_and_shown_mirrored():
     rng = np.random.default_rng(3)
@@ -1626,7 +1528,6 @@ def test_a_mirrored_copy_is_found_and_shown_mirrored():
     near = m["neighbours"]
     assert near["sample_index"][2] == 4 and near["pixel_l2"][2] == [0.0]  # the nearest sample is the copy
     assert near["pixel_index"][2] == [17] and near["mirrored"][2] == [True]
-
 
 def test_prdc_matches_the_reference_package():
     try:
@@ -1643,7 +1544,6 @@ def test_prdc_matches_the_reference_package():
         assert diff < 1e-12, (ours, ref)
     print(f"OK prdc vs the prdc package (maxdiff {diff:.1e})")
 
-
 def test_kid_matches_torch_fidelity():
     try:
         from torch_fidelity.metric_kid import kid_features_to_metric
@@ -1656,17 +1556,14 @@ def test_kid_matches_torch_fidelity():
     assert abs(mean / ref["kernel_inception_distance_mean"] - 1) < 1e-9
     assert abs(std / ref["kernel_inception_distance_std"] - 1) < 1e-9
 
-
 def clipped_edge():
     edge = np.zeros((1, 3, 32, 32), np.uint8)
     edge[..., 16:] = 255  # a hard edge: bicubic overshoots below 0 and above 255 beside it
     return edge
 
-
 def test_clean_resize_clips_its_overshoot():
     out = fid.clean_resize(torch.from_numpy(clipped_edge()))
     assert out.min() == 0.0 and out.max() == 1.0  # clipped back to [0, 255] / 255, as clean-fid does
-
 
 def test_clean_resize_matches_clean_fid():
     try:
@@ -1677,7 +1574,6 @@ def test_clean_resize_matches_clean_fid():
     out = fid.clean_resize(torch.from_numpy(edge))
     ref = make_resizer("PIL", False, "bicubic", (299, 299))(edge[0].transpose(1, 2, 0)).transpose(2, 0, 1) / 255.0
     assert np.abs(out[0].numpy() - ref).max() < 1e-7
-
 
 def test_fid_cli_prints_the_whole_panel():
     d = tmpdir()
@@ -1694,7 +1590,6 @@ def test_fid_cli_prints_the_whole_panel():
     assert r.returncode == 0, r.stderr
     for key in ("fid", "clean_fid", "kid_mean", "precision", "recall", "density", "coverage"):
         assert any(line.split()[:1] == [key] for line in r.stdout.splitlines()), (key, r.stdout)
-
 
 
 # ---------------------------------------------------------------------------------------------
