@@ -12,19 +12,7 @@
 Reading order: configs and budgets -> classifier -> diffusion (EDM) -> depth study -> the run
 plumbing the three loops share -> figures -> report -> bench -> command line.
 """
-import argparse
-import contextlib
-import copy
-import functools
-import glob
-import inspect
-import json
-import math
-import os
-import re
-import signal
-import sys
-import time
+import argparse, contextlib, copy, functools, glob, inspect, json, math, os, re, signal, sys, time
 from collections import OrderedDict, namedtuple
 from dataclasses import asdict, dataclass, fields, replace
 
