@@ -338,7 +338,7 @@ def classify(cfg):
     valid = [torch.from_numpy(a).to(hw.device) for a in data.load_split("addnist", "valid", cfg.data_dir or None)
              ] if cfg.train_on == "train" else None
     print(f"AddNIST {cfg.train_on} {tuple(train[0].shape)}, test {tuple(test[0].shape)}")
-    start_record(cfg)
+    start_record(cfg, len(train[0]))
     results = []
     for r, run_dir in enumerate(run_dirs):
         print(f"--- run {r + 1}/{cfg.runs} (seed {cfg.seed + r})")
@@ -517,6 +517,10 @@ def edm_heun_sampler(net, z, class_emb, steps, guidance=1.0, hw=None):
         x = x_next
     return x.float()
 
+def nfe(cfg):
+    """Network evaluations per sample: Heun's 2 per step but the last, two passes each when guided."""
+    return (2 * cfg.sampler_steps - 1) * (1 if cfg.guidance == 1 else 2)
+
 def to_uint8(x):
     """[-1, 1] floats -> uint8 images, as saved and as FID sees them."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -631,7 +635,7 @@ def generate(cfg):
     run = resume_from(ckpt_path, "generate", cfg, dict(step=0, curve={"step": [], "loss": []}, seconds=0.0),
                       model=net, ema=ema, opt=opt, scaler=scaler)
     train = [torch.from_numpy(a).to(hw.device) for a in data.load_split("cifar100", "train", cfg.data_dir or None)]
-    start_record(cfg, cfg.resume or cfg.sample_only)
+    start_record(cfg, len(train[0]), cfg.resume or cfg.sample_only)
     if not cfg.sample_only:
         print(f"> Work per step: {cfg.batch_size} images; {cfg.steps * cfg.batch_size:,} images seen; "
               f"CIFAR-100 train {tuple(train[0].shape)}")
@@ -645,9 +649,8 @@ def generate(cfg):
     np.savez(os.path.join(cfg.out, "samples.npz"), images=images.numpy(), labels=labels.numpy())
     frames, classes = interpolations(ema, cfg, hw, cfg.seed)
     save_grid(os.path.join(cfg.out, "interpolations.png"), frames, 10, "8 pairs: slerp of noise, lerp of class")
-    nfe = (2 * cfg.sampler_steps - 1) * (1 if cfg.guidance == 1 else 2)
     metrics = dict(params=n_params, steps=run["step"], sampler="EDM Heun (Karras et al. 2022, Alg. 1)",
-                   sampler_steps=cfg.sampler_steps, nfe=nfe, guidance=cfg.guidance, fid_samples=len(images),
+                   sampler_steps=cfg.sampler_steps, nfe=nfe(cfg), guidance=cfg.guidance, fid_samples=len(images),
                    sample_seconds=sample_seconds, interpolation_classes=[c.tolist() for c in classes],
                    loss_curve=run["curve"], train_seconds=run["seconds"], checkpoint=ckpt_path,
                    device=str(hw.device), mixed_precision=hw.precision, config=asdict(cfg))
@@ -663,7 +666,7 @@ def generate(cfg):
         enumerate(near["sample_index"])]), 4, "sample  |  3 nearest training images (or mirror images)",
               gap_after=1)
     fid_text = "null" if metrics["fid"] is None else f"{metrics['fid']:.2f}"
-    print(f"\n{n_params:,} parameters, {run['step']:,} steps, Heun {cfg.sampler_steps} (NFE {nfe}), guidance "
+    print(f"\n{n_params:,} parameters, {run['step']:,} steps, Heun {cfg.sampler_steps} (NFE {nfe(cfg)}), guidance "
           f"{cfg.guidance}: FID {fid_text} on {len(images):,} samples; the quality panel:")
     fid.print_panel(metrics)
     print(f"wrote {cfg.out}/samples.png, interpolations.png, neighbours.png, samples.npz, config.json, "
@@ -861,7 +864,7 @@ def gradflow(cfg):
     splits = load_cifar_splits(cfg, hw.device)
     print(f"gradflow | CIFAR-100 train {len(splits[0][0])}, val {len(splits[1][0])}, test {len(splits[2][0])}"
           f" | {cfg.epochs} epochs of {len(splits[0][0]) // cfg.batch_size} steps")
-    start_record(cfg)
+    start_record(cfg, len(splits[0][0]))
     rows = []
     for config, run_cfg, run_dirs in plan:
         print(f"=== {config.name}: > Number of parameters "
@@ -936,8 +939,6 @@ def epoch_order(n, seed, epoch, device):
 def batch_indices(step, n, batch_size, seed, device):
     """The step's batch of the n training images, from (seed, step) alone, so that a resumed run draws
     exactly the batches of an unbroken one; the ragged end of each epoch's permutation is dropped."""
-    if n < batch_size:
-        raise UserError(f"--batch-size {batch_size} is larger than the {n} training images")
     epoch, i = divmod(step, n // batch_size)
     return epoch_order(n, seed, epoch, device)[i * batch_size:(i + 1) * batch_size]
 
@@ -1081,8 +1082,11 @@ def make_folder(path):
     except OSError as e:
         raise UserError(f"cannot write results under {path} ({e.strerror or e}); choose another --out") from None
 
-def start_record(cfg, resuming=None):
-    """config.json holds the config a run started with (a resume keeps it; metrics.json has the last)."""
+def start_record(cfg, n_train, resuming=None):
+    """config.json holds the config a run started with (a resume keeps it; metrics.json has the last).
+    The batch is checked against the data first: a refused run writes nothing."""
+    if n_train < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {n_train:,} training images")
     make_folder(cfg.out)
     if not (cfg.resume if resuming is None else resuming):
         save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
@@ -1465,8 +1469,8 @@ def bench(cfg):
              train_step(unet, lambda m: edm_loss(m, xg, yg, g), hw, compile_unet)),
             ("gradflow", "VGG_38 train step, batch 100", v.epochs * 475, 1,
              train_step(VGG(38), lambda m: F.cross_entropy(m(xv).float(), yv), hw)),
-            ("generate", f"sampler, NFE {2 * g.sampler_steps - 1}, {n_sample} images", g.fid_samples, n_sample,
-             lambda: edm_heun_sampler(unet.eval(), z, unet.class_embed(labels), g.sampler_steps, 1.0, hw)),
+            ("generate", f"sampler, NFE {nfe(g)}, {n_sample} images", g.fid_samples, n_sample,
+             lambda: edm_heun_sampler(unet.eval(), z, unet.class_embed(labels), g.sampler_steps, g.guidance, hw)),
             ("fid", f"Inception features, {n_fid} images", 2 * g.fid_samples, n_fid,
              lambda: fid.inception_features(images, inception, quiet=True))]
     rows = [dict(command=command, what=what, count=count,
