@@ -78,7 +78,7 @@ class GenerateConfig(RunConfig):
     widths: str = "32,64,80"  # U-Net channels at 32, 16 and 8 pixels, multiples of 8 (997,123 parameters)
     blocks: int = 1  # residual blocks per level, down and up
     emb_dim: int = 128  # width of the noise-level + class embedding (a multiple of 4)
-    dropout: float = 0.0  # dropout inside residual blocks (off: a 1M-parameter model underfits)
+    dropout: float = 0.0  # dropout inside residual blocks
     batch_size: int = 256  # images per step
     lr: float = 4e-3  # peak Adam learning rate
     warmup: float = 0.02  # linear warm-up over this fraction of --steps, then cosine decay to 0
