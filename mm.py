@@ -89,7 +89,7 @@ class GenerateConfig(RunConfig):
     p_uncond: float = 0.1  # probability of dropping the class label (trains the unconditional model too)
     flip: bool = True  # random horizontal flips (right for CIFAR; --no-flip for the digit stand-in)
     sampler_steps: int = 18  # Heun steps (NFE = 2 steps - 1, doubled when guidance != 1)
-    guidance: float = 3.0  # classifier-free guidance scale w (1 = plain conditional, one pass per step)
+    guidance: float = 3.0  # classifier-free guidance scale w (1 = plain conditional, half the evaluations)
     fid_samples: int = 10_000  # samples drawn for FID and samples.npz (at least the grid's 64)
     sample_batch: int = 1000  # samples per sampler call
     compile: str = "auto"  # torch.compile the training forward: auto (on for CUDA) | on | off

@@ -220,7 +220,8 @@ def test_addnist_folder_taken_as_is_and_bad_files_refused():
     assert data.load_split("addnist", "valid", root)[0].shape == (16, 3, 28, 28)  # a folder of the six files
     for dataset in ("addnist", "cifar100"):
         expect_error(lambda: data.load_split(dataset, "test", root), "load_test")  # test only through load_test
-    for name, array, needles in (("train_x.npy", np.zeros((4, 28, 28, 3), np.float32), ("(N, 3, 28, 28)",)),
+    nhwc = np.zeros((4, 28, 28, 3), np.float32)  # channels last: the wrong layout
+    for name, array, needles in (("train_x.npy", nhwc, ("train_x.npy", "(N, 3, 28, 28)")),
                                  ("train_x.npy", np.zeros((48, 3, 28, 28)), ("float64",)),
                                  ("valid_y.npy", np.zeros(16, np.int32), ("valid_y.npy", "int64"))):
         np.save(os.path.join(root, name), array)
@@ -358,7 +359,8 @@ def test_seeded_runs_repeat_and_seed_k_of_many_equals_seed_k_alone():
     # The record and the figure: mean ± sample std over the runs, the accuracy plot and its numbers
     assert "> Number of parameters" in log and "mean ± std (n=2)" in log
     saved, accs = json.load(open(os.path.join(out, "metrics.json"))), [r["test_acc"] for r in m["per_run"]]
-    assert all(k in saved for k in ("params", "steps", "runs", "train_loss_std", "train_acc_mean", "train_acc_std"))
+    assert saved["runs"] == 2 and all(k in saved for k in ("params", "steps", "train_loss_mean", "train_loss_std",
+                                                           "train_acc_mean", "train_acc_std"))
     assert abs(saved["test_acc_mean"] - np.mean(accs)) + abs(saved["test_acc_std"] - np.std(accs, ddof=1)) < 1e-12
     assert saved["per_run"][0]["curves"]["step"] == [3, 6]
     from PIL import Image
@@ -490,7 +492,7 @@ def test_generate_writes_every_output_and_its_record():
     out, m = run["out"], json.load(open(os.path.join(run["out"], "metrics.json")))
     assert "> Number of parameters" in run["log"] and "> Number of optimisation steps" in run["log"]
     assert m["fid"] is None and "Inception weights" in m["fid_unavailable"]  # offline: null with the reason
-    for key in ("params", "fid_samples", "sampler", "wall_seconds", "train_seconds", "sample_seconds"):
+    for key in ("params", "fid_samples", "sampler", "guidance", "wall_seconds", "train_seconds", "sample_seconds"):
         assert key in m, key
     assert m["nfe"] == mm.nfe(tiny_gen_cfg("", "")) and m["loss_curve"]["step"] == [3, 6] and m["steps"] == 6
     npz = np.load(os.path.join(out, "samples.npz"))
