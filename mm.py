@@ -50,8 +50,7 @@ class ClassifyConfig(RunConfig):
     out: str = "runs/classify"  # results folder: config.json, metrics.json, accuracy.png, run*/ckpt.pt
     steps: int = 10_000  # optimisation steps per run (budget: at most 10,000)
     allow_penalty: bool = False  # train over a budget anyway and print the coursework penalty
-    model: str = "digits"  # digits: one digit CNN per channel, summed by convolution | plain: one CNN on all 3
-    arch: str = "32,M,48,M,64,96"  # 3x3 conv/BN/ReLU widths; M = 2x2 max pool; then global average pool
+    arch: str = "32,M,48,M,64,96"  # the digit CNN: 3x3 conv/BN/ReLU widths, M = 2x2 max pool; global avg pool
     batch_size: int = 128  # AddNIST images per step (3 digits each)
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 5e-2  # AdamW decoupled weight decay on conv/linear weights
@@ -108,7 +107,7 @@ class GradflowConfig(RunConfig):
     val_size: int = 2_500  # training images held out for validation (seeded permutation)
     runs: int = 1  # independent runs with seeds seed, seed+1, ...
 
-CHOICES = {"model": ("digits", "plain"), "train_on": ("train", "train+valid"), "depth": (8, 38),
+CHOICES = {"train_on": ("train", "train+valid"), "depth": (8, 38),
            "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16"),
            "compile": ("auto", "on", "off")}
 POSITIVE = {"steps", "epochs", "batch_size", "lr", "runs", "eval_every", "eval_train", "log_every",
@@ -158,10 +157,10 @@ def count_params(model):
 # ---------------------------------------------------------------------------------------------
 # Classifier: one digit CNN shared by the three channels; the sum's distribution is their convolution
 
-def conv_trunk(arch, in_ch, n_out):
+def conv_trunk(arch):
     """'32,M,64' -> 3x3 conv/BN/ReLU layers (a number is the width) and 2x2 max pools (M), then global
-    average pooling and a linear layer.  (B, in_ch, 28, 28) -> (B, n_out)"""
-    layers, channels, side = [], in_ch, 28
+    average pooling and a linear layer to the 10 digits.  (B, 1, 28, 28) -> (B, 10)"""
+    layers, channels, side = [], 1, 28
     for token in arch.upper().replace(" ", "").split(","):
         if token == "M":
             layers.append(nn.MaxPool2d(2))
@@ -174,7 +173,7 @@ def conv_trunk(arch, in_ch, n_out):
             raise UserError(f"--arch {arch}: {token!r} is neither a width 1..4096 nor M; e.g. 32,M,64,96")
         if side < 1:
             raise UserError(f"--arch {arch}: its pools shrink the 28x28 input below 1 pixel")
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, n_out))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
 
 # SUM_MASK[k, i] = 0 where the digit triple i = (a, b, c) (flattened) sums to k + 1, else -inf. (20, 1000)
 TRIPLE_SUMS = (torch.arange(10)[:, None, None] + torch.arange(10)[:, None] + torch.arange(10)).flatten()
@@ -192,15 +191,11 @@ class DigitSumNet(nn.Module):
     """One digit network shared by the three channels; outputs log P(sum) over the 20 AddNIST classes."""
     def __init__(self, arch):
         super().__init__()
-        self.digit = conv_trunk(arch, in_ch=1, n_out=10)
+        self.digit = conv_trunk(arch)
         self.register_buffer("sum_mask", SUM_MASK.clone(), persistent=False)  # follows .to(), not saved
     def forward(self, x):  # (B, 3, 28, 28) -> (B, 20)
         logits = self.digit(x.reshape(-1, 1, *x.shape[2:]))  # every digit through the same weights
         return sum_log_probs(logits.view(len(x), 3, 10), self.sum_mask)
-
-def make_classifier(cfg):
-    # --model plain is the baseline: one CNN sees the three digits at once and must learn to add them
-    return DigitSumNet(cfg.arch) if cfg.model == "digits" else conv_trunk(cfg.arch, 3, 20)
 
 def augment_digits(x, cfg, background, strength=1.0):
     """Random rotation, zoom, whole-pixel shift and elastic distortion of every digit (channel) on its
@@ -246,13 +241,13 @@ def evaluate(model, x, y, tta=False, batch_size=1000):
         correct += (logp.argmax(1) == yb).sum()
     return loss.item() / len(x), correct.item() / len(x)
 
-def train_classifier(cfg, seed, run_dir, train, test, hw, valid=None):
-    """Train one seed; returns its result, or None when paused. `test` (and `valid`, the held-out split
-    that recipes are chosen on, with --train-on train) only ever go to evaluate()."""
+def train_classifier(cfg, seed, run_dir, train, scored, hw):
+    """Train one seed; returns its result, or None when paused. `scored` ({"test": (x, y)}, plus "valid",
+    the held-out split recipes are chosen on, with --train-on train) only ever goes to evaluate()."""
     (x_train, y_train), ckpt_path = train, os.path.join(run_dir, "ckpt.pt")
     torch.manual_seed(seed)
     # channels_last (NHWC) is the layout both oneDNN (CPU) and cuDNN (GPU) convolve fastest
-    model = make_classifier(cfg).to(hw.device, memory_format=torch.channels_last)
+    model = DigitSumNet(cfg.arch).to(hw.device, memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
     groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]  # BN: none
@@ -296,7 +291,7 @@ def train_classifier(cfg, seed, run_dir, train, test, hw, valid=None):
                              acc=f"{acc_mean:.3f}", lr=f"{lr:.1e}")
             window.zero_()
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            scores = (*evaluate(eval_model, x_train[subset], y_train[subset]), *evaluate(eval_model, *test))
+            scores = (*evaluate(eval_model, x_train[subset], y_train[subset]), *evaluate(eval_model, *scored["test"]))
             for key, value in zip(curves, (done, *scores)):
                 curves[key].append(value)
             print(f"eval {done:5d}/{cfg.steps} | train loss {scores[0]:.4f} acc {scores[1]:.4f} | "
@@ -309,55 +304,51 @@ def train_classifier(cfg, seed, run_dir, train, test, hw, valid=None):
     if stop_at < cfg.steps:
         checkpoint(stop_at)
         return paused(stop_at, cfg)
-    # The final figures score every train image, with test-time augmentation if asked.
-    train_loss, train_acc = evaluate(eval_model, x_train, y_train, tta=cfg.tta)
-    test_loss, test_acc = evaluate(eval_model, *test, tta=cfg.tta)
-    result = dict(seed=seed, steps=stop_at, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
-                  test_acc=test_acc, tta=cfg.tta, seconds=run["seconds"] + time.time() - t0, curves=curves)
-    if valid:
-        result["valid_loss"], result["valid_acc"] = evaluate(eval_model, *valid, tta=cfg.tta)
+    result = dict(seed=seed, steps=stop_at, tta=cfg.tta, curves=curves)
+    for split, (x, y) in {"train": (x_train, y_train), **scored}.items():  # every image, with TTA if asked
+        result[f"{split}_loss"], result[f"{split}_acc"] = evaluate(eval_model, x, y, tta=cfg.tta)
+    result["seconds"] = run["seconds"] + time.time() - t0
     checkpoint(stop_at, result)
     return result
 
 def classify(cfg):
     """`python mm.py classify`: train cfg.runs seeds, print a table, write metrics.json, accuracy.png."""
     check_numbers(cfg, below={"ema": 1, "label_smoothing": 1, "zoom": 1})
-    n_params = count_params(make_classifier(cfg))
-    print(f"classify | model {cfg.model} | arch {cfg.arch}")
+    n_params = count_params(DigitSumNet(cfg.arch))
+    print(f"classify | digit CNN {cfg.arch}")
     enforce_budget("Number of parameters", n_params, CLASSIFY_PARAM_LIMIT, False, cfg.allow_penalty)
     enforce_budget("Number of optimisation steps", cfg.steps, CLASSIFY_STEP_LIMIT, True, cfg.allow_penalty)
     print(f"> Work per step: {cfg.batch_size} images ({3 * cfg.batch_size} digits); "
           f"{cfg.steps * cfg.batch_size:,} images seen per run, {cfg.runs} run(s)")
     run_dirs = [os.path.join(cfg.out, f"run{r}") for r in range(cfg.runs)]
-    check_run_folder(cfg, holds_run(cfg.out), "classify", {os.path.join(d, "ckpt.pt"): cfg for d in run_dirs})
+    check_run_folder(cfg, "classify", {os.path.join(d, "ckpt.pt"): cfg for d in run_dirs})
     hw = pick_hardware(cfg)
-    splits = [data.load_split("addnist", split, cfg.data_dir or None) for split in cfg.train_on.split("+")]
-    train = [torch.from_numpy(np.concatenate(arrays)).to(hw.device) for arrays in zip(*splits)]
-    test = [torch.from_numpy(a).to(hw.device) for a in data.load_test("addnist", cfg.data_dir or None)]
+    load = lambda split: data.load_test("addnist", cfg.data_dir or None) if split == "test" else \
+        data.load_split("addnist", split, cfg.data_dir or None)
+    train = [torch.from_numpy(np.concatenate(a)).to(hw.device) for a in zip(*map(load, cfg.train_on.split("+")))]
     # With --train-on train the valid split is held out: recipes are chosen on it, test is scored once
-    valid = [torch.from_numpy(a).to(hw.device) for a in data.load_split("addnist", "valid", cfg.data_dir or None)
-             ] if cfg.train_on == "train" else None
-    print(f"AddNIST {cfg.train_on} {tuple(train[0].shape)}, test {tuple(test[0].shape)}")
+    held = ("valid", "test") if cfg.train_on == "train" else ("test",)
+    scored = {split: [torch.from_numpy(a).to(hw.device) for a in load(split)] for split in held}
+    print(f"AddNIST {cfg.train_on} {tuple(train[0].shape)}, test {tuple(scored['test'][0].shape)}")
     start_record(cfg, len(train[0]))
     results = []
     for r, run_dir in enumerate(run_dirs):
         print(f"--- run {r + 1}/{cfg.runs} (seed {cfg.seed + r})")
-        results.append(train_classifier(cfg, cfg.seed + r, run_dir, train, test, hw, valid))
+        results.append(train_classifier(cfg, cfg.seed + r, run_dir, train, scored, hw))
         if results[-1] is None:  # paused
             return None
     metrics = {"params": n_params, "steps": results[0]["steps"], "runs": len(results),
                "device": str(hw.device), "mixed_precision": hw.precision, "config": asdict(cfg)}
-    splits = ("train", "valid", "test") if valid else ("train", "test")
+    splits = ("train",) + held
     for key in (f"{split}_{what}" for split in splits for what in ("loss", "acc")):
         metrics[f"{key}_mean"], metrics[f"{key}_std"] = mean_std([r[key] for r in results])
     metrics["per_run"] = results
-    rows = [{"seed": r["seed"], "steps": r["steps"], "train loss": f"{r['train_loss']:.4f}",
-             **{f"{split} acc %": f"{100 * r[split + '_acc']:.2f}" for split in splits},
-             "time": fmt_time(r["seconds"])} for r in results]
-    print_table(rows + [{"seed": f"mean ± std (n={len(results)})", "steps": "",
-                         "train loss": "{:.4f} ± {:.4f}".format(metrics["train_loss_mean"], metrics["train_loss_std"]),
-                         **{f"{split} acc %": percent((metrics[f"{split}_acc_mean"], metrics[f"{split}_acc_std"]))
-                            for split in splits}, "time": ""}])
+    print_table([{"seed": r["seed"], "steps": r["steps"], "train loss": f"{r['train_loss']:.4f}",
+                  **{f"{s} acc %": f"{100 * r[s + '_acc']:.2f}" for s in splits}, "time": fmt_time(r["seconds"])}
+                 for r in results] + [{"seed": f"mean ± std (n={len(results)})", "steps": "",
+                 "train loss": "{train_loss_mean:.4f} ± {train_loss_std:.4f}".format(**metrics),
+                 **{f"{s} acc %": percent((metrics[f"{s}_acc_mean"], metrics[f"{s}_acc_std"])) for s in splits},
+                 "time": ""}])
     save_json(os.path.join(cfg.out, "metrics.json"), metrics)
     plot_accuracy(os.path.join(cfg.out, "accuracy.png"), results)
     print(f"wrote {cfg.out}/config.json, metrics.json, accuracy.png, run*/ckpt.pt")
@@ -387,33 +378,33 @@ def edm_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
 def group_norm(c):
     return nn.GroupNorm(min(8, c // 4), c)  # 8 groups, but at least 4 channels per group
 
+def zero_init(layer):  # a residual branch that starts at zero leaves its block the identity
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
 class ResBlock(nn.Module):
-    """GroupNorm, SiLU, conv, scale-and-shift by the embedding (Dhariwal & Nichol 2021), GroupNorm,
-    SiLU, dropout, conv; plus the input (a 1x1 conv when the width changes). The last conv starts at
-    zero, so every block starts as the identity."""
+    """GroupNorm, SiLU, conv, scale-and-shift by the embedding (Dhariwal & Nichol 2021), GroupNorm, SiLU,
+    dropout, conv (zero-initialised, so every block starts as the identity); plus the input (a 1x1 conv
+    when the width changes)."""
     def __init__(self, cin, cout, emb_dim, dropout):
         super().__init__()
         self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.film = nn.Linear(emb_dim, 2 * cout)  # (scale, shift) per channel
         self.norm2, self.drop = group_norm(cout), nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        self.conv2 = zero_init(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
     def forward(self, x, emb):  # x (B, cin, H, W), emb (B, emb_dim) -> (B, cout, H, W)
-        h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.conv2(self.drop(F.silu(self.norm2(h) * (1 + scale) + shift)))
-        return h + self.skip(x)
+        h = self.norm2(self.conv1(F.silu(self.norm1(x)))) * (1 + scale) + shift
+        return self.conv2(self.drop(F.silu(h))) + self.skip(x)
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the pixels of a small map; residual, output zero-initialised."""
     def __init__(self, c, heads=4):
         super().__init__()
         self.norm, self.heads = group_norm(c), heads
-        self.qkv, self.proj = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.qkv, self.proj = nn.Conv2d(c, 3 * c, 1), zero_init(nn.Conv2d(c, c, 1))
     def forward(self, x):  # (B, C, H, W) -> same
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)  # NHWC-safe
@@ -426,8 +417,7 @@ class UNet(nn.Module):
     pixels, `blocks` residual blocks per level down and up (skips concatenated), self-attention in the
     middle and at the decoder's lowest level. Embedding: Fourier features of c_noise through an MLP,
     plus a learned class embedding (index n_classes is "no class", for classifier-free guidance)."""
-    def __init__(self, widths=(32, 64, 80), blocks=1, emb_dim=128, n_classes=100, dropout=0.0,
-                 sigma_data=0.5):
+    def __init__(self, widths=(32, 64, 80), blocks=1, emb_dim=128, n_classes=100, dropout=0.0, sigma_data=0.5):
         super().__init__()
         self.sigma_data, self.n_classes = sigma_data, n_classes
         # Fixed random Fourier frequencies (Tancik et al. 2020) for c_noise = ln(σ)/4, about -2..1.5 in
@@ -436,20 +426,17 @@ class UNet(nn.Module):
         self.noise_mlp = nn.Sequential(nn.Linear(emb_dim // 2, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(n_classes + 1, emb_dim)
         self.stem, c = nn.Conv2d(3, widths[0], 3, padding=1), widths[0]
+        block = lambda cin, cout: ResBlock(cin, cout, emb_dim, dropout)
         self.down, self.up = nn.ModuleList(), nn.ModuleList()
         for w in widths:  # encoder: blocks per level, a skip saved after each level
-            self.down.append(nn.ModuleList(ResBlock(c if i == 0 else w, w, emb_dim, dropout)
-                                           for i in range(blocks)))
+            self.down.append(nn.ModuleList(block(c if i == 0 else w, w) for i in range(blocks)))
             c = w
-        self.mid1, self.mid_attn = ResBlock(c, c, emb_dim, dropout), SelfAttention(c)
-        self.mid2, self.low_attn = ResBlock(c, c, emb_dim, dropout), SelfAttention(c)
+        self.mid1, self.mid_attn = block(c, c), SelfAttention(c)
+        self.mid2, self.low_attn = block(c, c), SelfAttention(c)
         for w in reversed(widths):  # decoder: a level's first block takes the concatenated skip
-            self.up.append(nn.ModuleList(ResBlock(c + w if i == 0 else w, w, emb_dim, dropout)
-                                         for i in range(blocks)))
+            self.up.append(nn.ModuleList(block(c + w if i == 0 else w, w) for i in range(blocks)))
             c = w
-        self.out_norm, self.out = group_norm(c), nn.Conv2d(c, 3, 3, padding=1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.out_norm, self.out = group_norm(c), zero_init(nn.Conv2d(c, 3, 3, padding=1))
     def forward(self, x, sigma, class_emb):
         """x (B, 3, 32, 32) noisy images, sigma (B,), class_emb (B, emb_dim) -> D(x; σ) (B, 3, 32, 32)"""
         c_skip, c_out, c_in, c_noise = (s[:, None, None, None] for s in edm_scalings(sigma, self.sigma_data))
@@ -490,30 +477,26 @@ def edm_loss(net, x, labels, cfg):
     return (weight[:, None, None, None] * (denoised.float() - x) ** 2).mean()
 
 @torch.no_grad()
-def guided_denoise(net, x, sigma, class_emb, guidance, hw):
-    """Classifier-free guidance D_u + w (D_c - D_u); w = 1 is the plain conditional model (one pass)."""
-    s = torch.full((len(x),), sigma, device=x.device, dtype=torch.float32)
-    with autocast(hw):
-        if guidance == 1:
-            return net(x, s, class_emb).float()
-        null = net.class_embed(torch.full((len(x),), net.n_classes, device=x.device))
-        cond, uncond = net(torch.cat([x, x]), torch.cat([s, s]), torch.cat([class_emb, null])).float().chunk(2)
-    return uncond + guidance * (cond - uncond)
-
-@torch.no_grad()
 def edm_heun_sampler(net, z, class_emb, steps, guidance=1.0, hw=None):
     """EDM Algorithm 1 (deterministic, S_churn = 0): Heun's method on the probability-flow ODE
-    dx/dσ = (x - D(x; σ))/σ from σ_0 = 80 to 0. z (B, 3, 32, 32) ~ N(0, I); NFE = 2 steps - 1.
-    hw: the precision the network runs in (None: float32 on z's device)."""
-    hw = hw or Hardware(z.device, "fp32")
+    dx/dσ = (x - D(x; σ))/σ from σ_0 = 80 to 0. z (B, 3, 32, 32) ~ N(0, I); NFE = 2 steps - 1 (twice that
+    guided). Classifier-free guidance (Ho & Salimans 2022) denoises with D_u + w (D_c - D_u); w = 1 is
+    the plain conditional model. hw: the precision the network runs in (None: float32 on z's device)."""
+    hw, null = hw or Hardware(z.device, "fp32"), net.class_embed(torch.full((len(z),), net.n_classes, device=z.device))
+    def denoise(x, sigma):  # float64 (B, 3, 32, 32) -> float64 D(x; σ)
+        s, x = torch.full((len(x),), sigma, device=x.device, dtype=torch.float32), x.float()
+        with autocast(hw):
+            if guidance == 1:
+                return net(x, s, class_emb).double()
+            cond, uncond = net(torch.cat([x, x]), torch.cat([s, s]), torch.cat([class_emb, null])).float().chunk(2)
+        return (uncond + guidance * (cond - uncond)).double()
     sigmas = edm_sigmas(steps).tolist()
     x = z.double() * sigmas[0]  # a float64 state: the solver's update stays exact however the net runs
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - guided_denoise(net, x.float(), s, class_emb, guidance, hw).double()) / s
+        d = (x - denoise(x, s)) / s
         x_next = x + (s_next - s) * d  # Euler step
         if s_next > 0:  # second-order correction (Heun), skipped on the last step to σ = 0
-            denoised = guided_denoise(net, x_next.float(), s_next, class_emb, guidance, hw).double()
-            x_next = x + (s_next - s) * (d + (x_next - denoised) / s_next) / 2
+            x_next = x + (s_next - s) * (d + (x_next - denoise(x_next, s_next)) / s_next) / 2
         x = x_next
     return x.float()
 
@@ -528,9 +511,8 @@ def to_uint8(x):
 def slerp(a, b, t):
     """Spherical interpolation of noise tensors (Shoemake 1985): keeps a Gaussian sample's norm."""
     omega = torch.acos((a.flatten() @ b.flatten() / (a.norm() * b.norm())).clamp(-1, 1))
-    if omega.abs() < 1e-6:
-        return (1 - t) * a + t * b
-    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    return (1 - t) * a + t * b if omega.abs() < 1e-6 else \
+        (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
 
 def train_generator(cfg, net, ema, opt, scaler, x_train, y_train, hw, ckpt_path, run):
     """The budgeted loop from run["step"]; returns the run record at the end (None when paused)."""
@@ -589,13 +571,12 @@ def sample_images(net, labels, cfg, hw, seed):
     for i in range(0, len(labels), cfg.sample_batch):
         lab = labels[i:i + cfg.sample_batch].to(hw.device)
         z = torch.randn(len(lab), 3, 32, 32, generator=g).to(hw.device)
-        x = edm_heun_sampler(net, z, net.class_embed(lab), cfg.sampler_steps, cfg.guidance, hw)
-        out.append(to_uint8(x).cpu())
+        out.append(to_uint8(edm_heun_sampler(net, z, net.class_embed(lab), cfg.sampler_steps, cfg.guidance, hw)).cpu())
         done, rate = i + len(lab), (i + len(lab)) / (time.time() - t0)
-        if len(labels) > cfg.sample_batch:
-            print(f"\rsampling {done}/{len(labels)} | {rate:.0f} img/s | eta "
-                  f"{fmt_time((len(labels) - done) / rate)}", end="\n" if done == len(labels) else "",
-                  file=sys.stderr, flush=True)
+        print(f"sampling {done}/{len(labels)} | {rate:.1f} img/s | eta {fmt_time((len(labels) - done) / rate)}",
+              file=sys.stderr, flush=True)
+        if STOP:  # Ctrl-C: the samples drawn so far are not worth keeping, the checkpoint is
+            raise UserError("interrupted while sampling; the checkpoint stands, and --sample-only draws again")
     return torch.cat(out)
 
 def interpolations(net, cfg, hw, seed, pairs=8, frames=10):
@@ -611,9 +592,8 @@ def interpolations(net, cfg, hw, seed, pairs=8, frames=10):
     return to_uint8(edm_heun_sampler(net, z, emb, cfg.sampler_steps, cfg.guidance, hw)).cpu(), (la, lb)
 
 def generate(cfg):
-    """`python mm.py generate`: train the class-conditional diffusion model, then write every output:
-    set up (fresh, or from the checkpoint) -> train -> samples and figures -> scores. Every count
-    reported (steps, seconds) comes from the checkpoint that produced the samples."""
+    """`python mm.py generate`: set up (fresh, or from the checkpoint) -> train -> samples and figures ->
+    scores. Every count reported (steps, seconds) comes from the checkpoint that made the samples."""
     check_numbers(cfg, below={"ema": 0.28, "warmup": 1, "dropout": 1, "p_uncond": 1})
     t_start, ckpt_path = time.time(), cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     if cfg.sample_only:  # the network and its training record come from the checkpoint
@@ -625,7 +605,7 @@ def generate(cfg):
     print(f"generate | U-Net widths {cfg.widths}, {cfg.blocks} block(s) per level")
     enforce_budget("Number of parameters", n_params, GENERATE_PARAM_LIMIT, False, cfg.allow_penalty)
     enforce_budget("Number of optimisation steps", cfg.steps, GENERATE_STEP_LIMIT, True, cfg.allow_penalty)
-    check_run_folder(cfg, os.path.exists(ckpt_path) and not cfg.sample_only, "generate")
+    check_run_folder(cfg, "generate", has_run=os.path.exists(ckpt_path) and not cfg.sample_only)
     hw = pick_hardware(cfg)
     torch.manual_seed(cfg.seed)  # the initial weights (and Fourier frequencies) depend on the seed alone
     net = make_unet(cfg).to(hw.device, memory_format=torch.channels_last)
@@ -644,27 +624,26 @@ def generate(cfg):
             return None
     labels, t0 = torch.arange(max(cfg.fid_samples, 64)) % 100, time.time()  # classes cycled
     images = sample_images(ema.eval(), labels, cfg, hw, cfg.seed)  # (N, 3, 32, 32) uint8
-    sample_seconds = time.time() - t0
-    save_grid(os.path.join(cfg.out, "samples.png"), images[:64], 8, "the first 64 samples (classes 0..63)")
-    np.savez(os.path.join(cfg.out, "samples.npz"), images=images.numpy(), labels=labels.numpy())
+    sample_seconds, out = time.time() - t0, lambda name: os.path.join(cfg.out, name)
+    save_grid(out("samples.png"), images[:64], 8, "the first 64 samples (classes 0..63)")
+    np.savez(out("samples.npz"), images=images.numpy(), labels=labels.numpy())
     frames, classes = interpolations(ema, cfg, hw, cfg.seed)
-    save_grid(os.path.join(cfg.out, "interpolations.png"), frames, 10, "8 pairs: slerp of noise, lerp of class")
+    save_grid(out("interpolations.png"), frames, 10, "8 pairs: slerp of noise, lerp of class")
     metrics = dict(params=n_params, steps=run["step"], sampler="EDM Heun (Karras et al. 2022, Alg. 1)",
                    sampler_steps=cfg.sampler_steps, nfe=nfe(cfg), guidance=cfg.guidance, fid_samples=len(images),
                    sample_seconds=sample_seconds, interpolation_classes=[c.tolist() for c in classes],
                    loss_curve=run["curve"], train_seconds=run["seconds"], checkpoint=ckpt_path,
                    device=str(hw.device), mixed_precision=hw.precision, config=asdict(cfg))
-    save_json(os.path.join(cfg.out, "metrics.json"), metrics)  # the samples' record survives a failure below
+    save_json(out("metrics.json"), metrics)  # the samples' record survives a failure below
     x_test = data.load_test("cifar100", cfg.data_dir or None)[0]  # the test split only ever scores
     metrics.update(fid.score_samples(images, train[0], x_test, hw.device, cfg.data_dir or None))
     metrics["wall_seconds"] = time.time() - t_start  # this call: setup, any training, sampling, scoring
-    save_json(os.path.join(cfg.out, "metrics.json"), metrics)
+    save_json(out("metrics.json"), metrics)
     near = metrics["neighbours"]  # the first 8 samples, then the 8 nearest to a training image
     nearest = lambda j, mirrored: train[0][j].flip(2).cpu() if mirrored else train[0][j].cpu()  # (3, 32, 32)
-    save_grid(os.path.join(cfg.out, "neighbours.png"), torch.cat([torch.stack([images[s]] + [
-        nearest(j, m) for j, m in zip(near["pixel_index"][row], near["mirrored"][row])]) for row, s in
-        enumerate(near["sample_index"])]), 4, "sample  |  3 nearest training images (or mirror images)",
-              gap_after=1)
+    save_grid(out("neighbours.png"), torch.cat([torch.stack([images[s]] + [nearest(j, m) for j, m in zip(
+        near["pixel_index"][row], near["mirrored"][row])]) for row, s in enumerate(near["sample_index"])]), 4,
+              "sample  |  3 nearest training images (or mirror images)", gap_after=1)
     fid_text = "null" if metrics["fid"] is None else f"{metrics['fid']:.2f}"
     print(f"\n{n_params:,} parameters, {run['step']:,} steps, Heun {cfg.sampler_steps} (NFE {nfe(cfg)}), guidance "
           f"{cfg.guidance}: FID {fid_text} on {len(images):,} samples; the quality panel:")
@@ -676,33 +655,20 @@ def generate(cfg):
 # ---------------------------------------------------------------------------------------------
 # Depth study: a plain 38-layer CNN fails to train, gradient flow shows why, BN and residuals fix it
 
-class ProcessingBlock(nn.Module):
-    """conv -> (BN) -> leaky ReLU -> conv -> (BN) -> [+ input] -> leaky ReLU, at constant width. With
-    residual, the input is added before the last activation (He et al. 2016, "Deep residual learning
-    for image recognition", Fig. 2): if both convs output zero the block passes its input through,
-    so gradients reach early layers undiminished."""
-    def __init__(self, c, bn, residual):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)  # the coursework framework: no bias here
-        self.bn1 = nn.BatchNorm2d(c) if bn else nn.Identity()
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c) if bn else nn.Identity()
-        self.residual = residual
-    def forward(self, x):  # (B, c, H, W) -> same
-        h = self.bn2(self.conv2(F.leaky_relu(self.bn1(self.conv1(x)))))
+class Block(nn.Module):
+    """conv -> (BN) -> leaky ReLU -> [2x2 average pool] -> conv -> (BN) -> [+ input] -> leaky ReLU, at
+    constant width. A processing block keeps H and W; with residual its input is added before the last
+    activation (He et al. 2016, Fig. 2): if both convs output zero it passes its input through, so
+    gradients reach early layers undiminished. A reduction block (reduce) halves H and W."""
+    def __init__(self, c, bn, residual=False, reduce=False):
+        super().__init__()  # the coursework framework: convs with a bias in reduction blocks only
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=reduce), nn.BatchNorm2d(c) if bn else nn.Identity()
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=reduce), nn.BatchNorm2d(c) if bn else nn.Identity()
+        self.residual, self.reduce = residual, reduce
+    def forward(self, x):  # (B, c, H, W) -> same, or (B, c, H/2, W/2) when reducing
+        h = F.leaky_relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(F.avg_pool2d(h, 2) if self.reduce else h))
         return F.leaky_relu(h + x if self.residual else h)
-
-class ReductionBlock(nn.Module):
-    """conv -> (BN) -> leaky ReLU -> 2x2 average pool -> conv -> (BN) -> leaky ReLU; halves H and W."""
-    def __init__(self, c, bn):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)  # with bias, as in the coursework framework
-        self.bn1 = nn.BatchNorm2d(c) if bn else nn.Identity()
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(c) if bn else nn.Identity()
-    def forward(self, x):  # (B, c, H, W) -> (B, c, H/2, W/2)
-        h = F.avg_pool2d(F.leaky_relu(self.bn1(self.conv1(x))), 2)
-        return F.leaky_relu(self.bn2(self.conv2(h)))
 
 class VGG(nn.Module):
     """Entry conv/BN/leaky ReLU, 3 stages of (blocks_per_stage processing blocks + 1 reduction block),
@@ -716,13 +682,11 @@ class VGG(nn.Module):
         self.entry = nn.Sequential(nn.Conv2d(3, filters, 3, padding=1, bias=False), nn.BatchNorm2d(filters),
                                    nn.LeakyReLU())
         self.stages = nn.ModuleList(  # blocks named b1..bN and red: 'stages.0.b2.conv1.weight'
-            nn.Sequential(OrderedDict([*((f"b{i + 1}", ProcessingBlock(filters, bn, residual))
-                                         for i in range(per_stage)), ("red", ReductionBlock(filters, bn))]))
-            for _ in range(stages))
+            nn.Sequential(OrderedDict([*((f"b{i + 1}", Block(filters, bn, residual)) for i in range(per_stage)),
+                                       ("red", Block(filters, bn, reduce=True))])) for _ in range(stages))
         self.fc = nn.Linear(filters, n_classes)
     def forward(self, x):  # (B, 3, 32, 32) -> (B, n_classes)
-        x = self.entry(x)
-        for stage in self.stages:
+        for stage in (self.entry, *self.stages):
             x = stage(x)
         return self.fc(x.mean((2, 3)))  # global average pool
 
@@ -858,8 +822,7 @@ def gradflow(cfg):
     plan = [(c, replace(cfg, depth=c.depth, bn=c.bn, residual=c.residual, lr=c.lr),
              [os.path.join(run_folder(cfg.out, c.name), f"seed{cfg.seed + r}") for r in range(cfg.runs)])
             for c in configs]  # (configuration, its config, the run folders of its seeds)
-    check_run_folder(cfg, holds_run(cfg.out), "gradflow",
-                     {os.path.join(d, "ckpt.pt"): run_cfg for _, run_cfg, dirs in plan for d in dirs})
+    check_run_folder(cfg, "gradflow", {os.path.join(d, "ckpt.pt"): run_cfg for _, run_cfg, dirs in plan for d in dirs})
     hw = pick_hardware(cfg)
     splits = load_cifar_splits(cfg, hw.device)
     print(f"gradflow | CIFAR-100 train {len(splits[0][0])}, val {len(splits[1][0])}, test {len(splits[2][0])}"
@@ -867,20 +830,18 @@ def gradflow(cfg):
     start_record(cfg, len(splits[0][0]))
     rows = []
     for config, run_cfg, run_dirs in plan:
-        print(f"=== {config.name}: > Number of parameters "
-              f"{count_params(VGG(config.depth, config.bn, config.residual))}")
+        print(f"=== {config.name}: > Number of parameters {count_params(VGG(*config[1:4]))}")
         results = []
         for r, run_dir in enumerate(run_dirs):
             results.append(train_vgg(run_cfg, cfg.seed + r, run_dir, splits, hw))
             if results[-1] is None:  # paused
                 return None
             save_json(os.path.join(run_dir, "metrics.json"), results[-1])
-        row = {"name": config.name, "params": results[0]["params"], "epochs": results[0]["epochs"],
-               "lr": config.lr, "runs": len(results),
-               "known_train_val": [config.known_train_acc, config.known_val_acc] if cfg.compare else None}
-        for key in ("train_acc", "val_acc", "best_val_acc", "test_acc"):
-            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r[key] for r in results])
-        rows.append(row)
+        rows.append({"name": config.name, "params": results[0]["params"], "epochs": results[0]["epochs"],
+                     "lr": config.lr, "runs": len(results),
+                     "known_train_val": [config.known_train_acc, config.known_val_acc] if cfg.compare else None,
+                     **{f"{key}_{s}": v for key in ("train_acc", "val_acc", "best_val_acc", "test_acc")
+                        for s, v in zip(("mean", "std"), mean_std([r[key] for r in results]))}})
     print(f"\naccuracy % as mean ± std over {cfg.runs} seed(s); known = published train / val %")
     print_table([{"configuration": row["name"], "params": f"{row['params']:,}",
                   **{f"{split} acc": percent((row[f"{split}_acc_mean"], row[f"{split}_acc_std"]))
@@ -905,10 +866,8 @@ def pick_hardware(cfg):
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    precision = cfg.precision
-    if precision == "auto":
-        fast_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        precision = "fp32" if device.type == "cpu" else "bf16" if fast_bf16 else "fp16"
+    precision = cfg.precision if cfg.precision != "auto" else "fp32" if device.type == "cpu" else \
+        "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if device.type == "cuda":
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cfg.deterministic, not cfg.deterministic
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable matmuls
@@ -918,9 +877,8 @@ def pick_hardware(cfg):
 
 def autocast(hw):
     """Mixed precision for the forward pass (fp32: off); losses and scores are always float32."""
-    if hw.precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(hw.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[hw.precision])
+    return contextlib.nullcontext() if hw.precision == "fp32" else \
+        torch.autocast(hw.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[hw.precision])
 
 def grad_scaler(hw):
     """fp16 gradients underflow without loss scaling; bf16 and fp32 need none (a disabled no-op scaler)."""
@@ -1061,12 +1019,11 @@ def resume_from(ckpt_path, command, cfg, fresh, **objects):
         print(f"resuming {ckpt_path} from {unit} {ck[unit]:,}")
     return ck
 
-def holds_run(out):
-    return bool(glob.glob(os.path.join(glob.escape(out), "**", "ckpt.pt"), recursive=True))
-
-def check_run_folder(cfg, has_run, command, checkpoints=None):
-    """Before any work: --out holds a run exactly when --resume asks to continue one, and each
-    checkpoint to be continued ({path: its config}) was trained with that config."""
+def check_run_folder(cfg, command, checkpoints=None, has_run=None):
+    """Before any work: --out holds a run (a checkpoint below it) exactly when --resume asks to continue
+    one, and each checkpoint to be continued ({path: its config}) was trained with that config."""
+    if has_run is None:
+        has_run = bool(glob.glob(os.path.join(glob.escape(cfg.out), "**", "ckpt.pt"), recursive=True))
     if has_run and not cfg.resume:
         raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
     if cfg.resume and not has_run:
@@ -1289,9 +1246,8 @@ def report_classifier(rep, m):
     rep.line(penalty_line(m["params"], CLASSIFY_PARAM_LIMIT, m["steps"], CLASSIFY_STEP_LIMIT))
     rep.table(f"Classifier: final figures, mean ± std over {m['runs']} seed(s)", [
         {"parameters": f"{m['params']:,}", "steps": f"{m['steps']:,}",
-         "train loss": f"{m['train_loss_mean']:.4f} ± {m['train_loss_std']:.4f}",
-         "train acc %": percent((m["train_acc_mean"], m["train_acc_std"])),
-         "test acc %": percent((m["test_acc_mean"], m["test_acc_std"]))}])
+         "train loss": "{train_loss_mean:.4f} ± {train_loss_std:.4f}".format(**m),
+         **{f"{s} acc %": percent((m[f"{s}_acc_mean"], m[f"{s}_acc_std"])) for s in ("train", "test")}}])
     curves = [r["curves"] for r in m["per_run"]]
     line_plot(os.path.join(rep.out, "classifier_accuracy.png"),
               [band_line(f"{split} (mean ± std)", colour, curves, "step", f"{split}_acc")
@@ -1362,14 +1318,13 @@ def report_depth_study(rep, m, folder):
     rep.line("Depth study (CIFAR-100)", heading=True)
     runs = {row["name"]: [json.load(open(path)) for path in sorted(glob.glob(os.path.join(
         glob.escape(run_folder(folder, row["name"])), "seed*", "metrics.json")))] for row in m["table"]}
-    last = lambda per, key: mean_std([r["curves"][key][-1] for r in per])
+    last = lambda name, key: mean_std([r["curves"][key][-1] for r in runs[name]])
+    loss = lambda name, key: "{:.3f} ± {:.3f}".format(*last(name, key))
     rep.table(f"Depth study: the final epoch's figures, and test accuracy of the best-validation epoch's "
               f"weights; mean ± std over {m['table'][0]['runs']} seed(s)", [
         {"model": row["name"], "lr": f"{row['lr']:.0e}", "params": f"{row['params']:,}",
-         "train loss": "{:.3f} ± {:.3f}".format(*last(runs[row["name"]], "train_loss")),
-         "train acc %": percent(last(runs[row["name"]], "train_acc")),
-         "val loss": "{:.3f} ± {:.3f}".format(*last(runs[row["name"]], "val_loss")),
-         "val acc %": percent(last(runs[row["name"]], "val_acc")),
+         "train loss": loss(row["name"], "train_loss"), "train acc %": percent(last(row["name"], "train_acc")),
+         "val loss": loss(row["name"], "val_loss"), "val acc %": percent(last(row["name"], "val_acc")),
          "test acc %": percent((row["test_acc_mean"], row["test_acc_std"]))} for row in m["table"]])
     lines = [band_line(f"{name}, {split}", tuple(v // (1 + (split == "val")) for v in PALETTE[i % len(PALETTE)]),
                        [r["curves"] for r in per], "epoch", f"{split}_acc")
@@ -1377,9 +1332,9 @@ def report_depth_study(rep, m, folder):
     line_plot(os.path.join(rep.out, "depth_accuracy.png"), lines, "accuracy per epoch", "epoch", "accuracy",
               size=(1400, 700), percent=True)
     rep.figure("depth_accuracy.png", "Train and validation accuracy of every configuration (mean ± std).")
-    lines = [Line(name, [j / max(1, len(per[0]["grad_flow"][-1]) - 1) for j in range(len(per[0]["grad_flow"][-1]))],
-                  list(per[0]["grad_flow"][-1].values()), PALETTE[i % len(PALETTE)])
-             for i, (name, per) in enumerate(runs.items())]  # the first seed's last epoch, by relative depth
+    flows = {name: list(per[0]["grad_flow"][-1].values()) for name, per in runs.items()}  # first seed, last epoch
+    lines = [Line(name, [j / max(1, len(f) - 1) for j in range(len(f))], f, PALETTE[i % len(PALETTE)])
+             for i, (name, f) in enumerate(flows.items())]  # by relative depth
     line_plot(os.path.join(rep.out, "depth_gradflow.png"), lines, "gradient flow at the last epoch",
               "relative depth of the layer (0 = entry, 1 = classifier)", "mean |dL/dW|", size=(1400, 700), logy=True)
     rep.figure("depth_gradflow.png", "Mean absolute gradient of every weight layer at the last epoch, entry to "
@@ -1399,14 +1354,12 @@ def report(cfg):
         raise UserError("none of the named runs has finished (no metrics.json); nothing to report")
     make_folder(cfg.out)
     rep = Report(cfg.out)
-    if "classify" in found:
-        report_classifier(rep, found["classify"])
-    if "generate" in found:
-        report_generator(rep, found["generate"], cfg.generate)
-    if points:
-        report_scaling(rep, points)
-    if "gradflow" in found:
-        report_depth_study(rep, found["gradflow"], cfg.gradflow)
+    for part, draw in (("classify", lambda: report_classifier(rep, found["classify"])),
+                       ("generate", lambda: report_generator(rep, found["generate"], cfg.generate)),
+                       ("scaling", lambda: report_scaling(rep, points)),
+                       ("gradflow", lambda: report_depth_study(rep, found["gradflow"], cfg.gradflow))):
+        if part in found or (part == "scaling" and points):
+            draw()
     with open(os.path.join(cfg.out, "report.md"), "w") as f:
         f.write("# Results\n\n" + "\n".join(rep.md))
     with open(os.path.join(cfg.out, "report.tex"), "w") as f:  # \input{report} in a paper
@@ -1463,7 +1416,7 @@ def bench(cfg):
     inception = fid.FIDInceptionV3().eval().to(dev)  # random weights: the same work as the real ones
     images = torch.randint(0, 256, (n_fid, 3, 32, 32), dtype=torch.uint8)
     compile_unet = cfg.compile == "on" or (cfg.compile == "auto" and dev.type == "cuda")
-    rows = [("classify", f"train step, batch {c.batch_size}", c.steps, 1, train_step(make_classifier(c), lambda m:
+    rows = [("classify", f"train step, batch {c.batch_size}", c.steps, 1, train_step(DigitSumNet(c.arch), lambda m:
              F.cross_entropy(m(augment_digits(x, c, -0.42)).float(), y), hw)),
             ("generate", f"train step, batch {g.batch_size}", g.steps, 1,
              train_step(unet, lambda m: edm_loss(m, xg, yg, g), hw, compile_unet)),

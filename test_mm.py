@@ -284,14 +284,12 @@ def test_trunk_parameter_counts_and_head_sizes_are_analytic():
     # bias, BN follows), BN has 2*out, the linear head (in + 1) * 10.
     convs = [(1, 32), (32, 48), (48, 64), (64, 96)]
     by_hand = sum(9 * i * o + 2 * o for i, o in convs) + (96 + 1) * 10
-    assert mm.count_params(mm.make_classifier(mm.ClassifyConfig())) == by_hand == 98_506
-    # The plain baseline sees 3 channels and outputs 20 classes: 9 * 3 * 8 + 2 * 8 + (8 + 1) * 20
-    assert mm.count_params(mm.make_classifier(mm.ClassifyConfig(model="plain", arch="8"))) == 412
+    assert mm.count_params(mm.DigitSumNet(mm.ClassifyConfig().arch)) == by_hand == 98_506
     for arch in ("8,M,8,M,8,M,8,M", "8,M,8,M,8,M,8,M,8,M"):  # 28 -> 14 -> 7 -> 3 -> 1 fits; one more pool does not
         if arch.count("M") == 4:
-            assert mm.make_classifier(mm.ClassifyConfig(arch=arch))(torch.randn(2, 3, 28, 28)).shape == (2, 20)
+            assert mm.DigitSumNet(arch)(torch.randn(2, 3, 28, 28)).shape == (2, 20)
         else:
-            expect_error(lambda: mm.make_classifier(mm.ClassifyConfig(arch=arch)), "below 1 pixel")
+            expect_error(lambda: mm.DigitSumNet(arch), "below 1 pixel")
 
 def test_augment_identity_and_background():
     cfg = mm.ClassifyConfig(shift=0, rotate=0, zoom=0, elastic=0)
@@ -327,7 +325,7 @@ def test_budgets_refused_unless_penalty_accepted():
     assert p(110_000, 100_000, False) == 5 and p(150_000, 100_000, False) == 25  # the coursework's examples
     assert p(110_001, 100_000, False) == 10  # part of a further 10 % costs 5 more
     assert p(10_000, 10_000, True) == 0 and p(10_001, 10_000, True) == 5 and p(20_000, 10_000, True) == 50
-    assert mm.count_params(mm.make_classifier(mm.ClassifyConfig())) < mm.CLASSIFY_PARAM_LIMIT  # the default fits
+    assert mm.count_params(mm.DigitSumNet(mm.ClassifyConfig().arch)) < mm.CLASSIFY_PARAM_LIMIT  # the default fits
     root = write_addnist(tmpdir())
     big = tiny_cfg(root, tmpdir(), arch="64,M,128,M,128")
     expect_error(lambda: quiet(mm.classify, big), "parameters", "--allow-penalty", "-")
@@ -394,7 +392,7 @@ def test_train_only_runs_score_the_held_out_valid_split():
     m, log = quiet(mm.classify, tiny_cfg(root, out := tmpdir(), train_on="train"))
     assert "valid acc %" in log and "valid_acc_mean" in m and "valid_acc_mean" not in quiet(
         mm.classify, tiny_cfg(root, tmpdir()))[0]  # train + valid leaves no held-out split to score
-    model = mm.make_classifier(tiny_cfg(root, out)).to(memory_format=torch.channels_last)  # as trained: same sums
+    model = mm.DigitSumNet(tiny_cfg(root, out).arch).to(memory_format=torch.channels_last)  # as trained: same sums
     model.load_state_dict(torch.load(os.path.join(out, "run0", "ckpt.pt"), weights_only=True)["ema"])
     x, y = (torch.from_numpy(a) for a in data.load_split("addnist", "valid", root))
     assert (m["per_run"][0]["valid_loss"], m["per_run"][0]["valid_acc"]) == mm.evaluate(model, x, y, tta=True)
@@ -615,15 +613,15 @@ def test_vgg_layers_counts_and_residual_wiring():
     expect_error(lambda: mm.VGG(9), "--depth")
     x = torch.rand(2, 8, 6, 6)  # non-negative, like the output of a previous leaky ReLU
     for bn in (False, True):
-        block = mm.ProcessingBlock(8, bn=bn, residual=True)
-        plain = mm.ProcessingBlock(8, bn=bn, residual=False)
+        block, plain = mm.Block(8, bn=bn, residual=True), mm.Block(8, bn=bn)
         for b in (block, plain):
             torch.nn.init.zeros_(b.conv1.weight), torch.nn.init.zeros_(b.conv2.weight)
         assert torch.allclose(block(x), x, atol=1e-6)  # zeroed convs: the residual block is the identity
         assert torch.allclose(plain(x), torch.zeros_like(x), atol=1e-6)  # and the plain block outputs nothing
-    assert isinstance(mm.ProcessingBlock(8, True, False).bn2, torch.nn.BatchNorm2d)
-    assert isinstance(mm.ReductionBlock(8, False).bn1, torch.nn.Identity)
-    assert mm.ReductionBlock(8, False)(x).shape == (2, 8, 3, 3)
+    assert isinstance(mm.Block(8, True).bn2, torch.nn.BatchNorm2d) and mm.Block(8, True).conv1.bias is None
+    reduction = mm.Block(8, False, reduce=True)
+    assert isinstance(reduction.bn1, torch.nn.Identity) and reduction.conv1.bias is not None  # the framework's
+    assert reduction(x).shape == (2, 8, 3, 3)
 
 def test_gradient_flow_matches_hand_computation():
     net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
@@ -904,7 +902,7 @@ def one_step_of_each(hw):
     dev, out = hw.device, {}
     torch.manual_seed(0)
     c = tiny_cfg("", "")
-    model = mm.make_classifier(c).to(dev, memory_format=torch.channels_last)
+    model = mm.DigitSumNet(c.arch).to(dev, memory_format=torch.channels_last)
     ema = copy.deepcopy(model)
     opt, scaler = torch.optim.AdamW(model.parameters()), mm.grad_scaler(hw)
     x, y = torch.randn(8, 3, 28, 28, device=dev), torch.randint(0, 20, (8,), device=dev)
