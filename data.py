@@ -41,6 +41,13 @@ class UserError(Exception):
     """A problem with the user's input or environment: printed as one line, never as a traceback."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line (what is wrong, where to look) instead of a usage block."""
+
+    def error(self, message):
+        sys.exit(f"error: {message} (see {self.prog} --help)")
+
+
 def fmt_time(seconds):
     """Seconds as m:ss, or h:mm:ss past an hour: for progress lines and ETAs."""
     m, s = divmod(int(seconds), 60)
@@ -252,7 +259,7 @@ def load_test(name, data_dir=None):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Download and verify a dataset into the cache.")
+    p = OneLineParser(description="Download and verify a dataset into the cache.")
     p.add_argument("dataset", choices=sorted(LOADERS), help="which dataset to fetch")
     p.add_argument("--data-dir", default=None, help="cache root (default $MM_DATA or ./data)")
     a = p.parse_args()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from data import UserError, fmt_time
+from data import OneLineParser, UserError, fmt_time
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
@@ -609,13 +609,6 @@ def reference_stats(images, key, model, cache_dir, dims=2048, batch_size=200, cl
 def fid_between(a, b, model, dims=2048, batch_size=200, clean=False):
     """FID between two sources (paths, uint8 image tensors, or (mu, sigma) pairs)."""
     return frechet_distance(*stats_of(a, model, dims, batch_size, clean), *stats_of(b, model, dims, batch_size, clean))
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gets one line (what is wrong, where to look) instead of a usage block."""
-
-    def error(self, message):
-        sys.exit(f"error: {message} (see {self.prog} --help)")
 
 
 def check_inputs(sources, dims, save_stats):

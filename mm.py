@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import fid
-from data import UserError, fmt_time
+from data import OneLineParser, UserError, fmt_time
 
 # ---------------------------------------------------------------------------------------------
 # Configs and budgets: one dataclass per command; each field's trailing comment is its --help text
@@ -1452,17 +1452,13 @@ def field_help(cls):
     source = "".join(inspect.getsource(c) for c in cls.__mro__ if c is not object)
     return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M))
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gets one line (what is wrong, where to look) instead of a usage block."""
-    def error(self, message):
-        sys.exit(f"error: {message} (see {self.prog} --help)")
-
 def main(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, text) in COMMANDS.items():
         command, helps = sub.add_parser(name, help=text, description=text), field_help(cls)
-        for f in fields(cls):  # one --flag per field, with its type, default and comment
+        shared = {f.name for f in fields(RunConfig)}  # listed after the command's own flags
+        for f in sorted(fields(cls), key=lambda f: f.name in shared):  # a --flag per field: type, default, comment
             flag, shown = "--" + f.name.replace("_", "-"), "empty" if f.default == "" else "%(default)s"
             if f.type is bool:
                 command.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,

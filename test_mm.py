@@ -4,7 +4,7 @@ Offline, CPU only, seeded. Each test checks our code against a reference, a clos
 that a wrong program breaks. Downloads are tested against a local HTTP server on 127.0.0.1 that serves
 fixture files written here in the official formats; nothing here needs ../shared or the internet.
 """
-import concurrent.futures, contextlib, copy, hashlib, http.server, io, itertools, json, math, os, pickle
+import atexit, concurrent.futures, contextlib, copy, hashlib, http.server, io, itertools, json, math, os, pickle
 import shutil, subprocess, sys, tarfile, tempfile, threading, time, traceback, types, zipfile
 
 from dataclasses import replace
@@ -22,7 +22,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 class Skip(Exception):
     """Raised by a test whose optional reference is not installed: reported as skipped, never as passed."""
 
-TMP_DIRS = []
+TMP_DIRS = []  # removed at exit, under pytest too
+atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in TMP_DIRS])
 
 def tmpdir():
     TMP_DIRS.append(tempfile.mkdtemp(prefix="mm_test_"))
@@ -1420,7 +1421,5 @@ if __name__ == "__main__":  # python test_mm.py [--device cuda] [names...]
         except Exception:
             counts["failed"] += 1
             print(f"{traceback.format_exc()}FAIL {name}", flush=True)
-    for d in TMP_DIRS:
-        shutil.rmtree(d, ignore_errors=True)
     print(f"({time.time() - t_all:.0f}s) " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     sys.exit(1 if counts["failed"] or not counts["passed"] else 0)
