@@ -167,103 +167,6 @@ def tiny_cifar(n_train=24, n_test=16, smooth=False, root=None):
         yield os.path.dirname(path)
 
 # ---------------------------------------------------------------------------------------------
-# data.py: downloads
-
-def test_download_verifies_caches_and_fails_in_one_line():
-    body, d = os.urandom(300_000), tmpdir()
-    dest, md5 = os.path.join(d, "sub", "file.bin"), hashlib.md5(body).hexdigest()
-    routes = {"/f": (200, body, None), "/bad": (200, b"not the real bytes", None), "/cut": (200, b"x" * 1000, 5000),
-              "/500": (500, b"oops", None), "/w": (200, b"weights" * 1000, None)}
-    with http_server(routes) as (url, hits):
-        assert "did not exist" in quiet(data.download, url + "/f", dest, md5=md5, size=len(body), quiet=True)[1]
-        bad = os.path.join(d, "bad.bin")  # a wrong checksum: kept aside as .bad, never reused, fetched again
-        for _ in range(2):
-            expect_error(lambda: quiet(data.download, url + "/bad", bad, md5="0" * 32), "md5", ".bad")
-        assert hits.count("/bad") == 2 and os.path.exists(bad + ".bad") and not os.path.exists(bad)
-        quiet(data.download, url + "/w", w := os.path.join(d, "w.pth"), sha256=hashlib.sha256(b"weights" * 1000)
-              .hexdigest()[:8])  # a sha256 prefix is accepted
-        assert os.path.getsize(w) == 7000
-        cut = os.path.join(d, "cut")
-        msg = expect_error(lambda: quiet(data.download, url + "/cut", cut), "by hand", cut)
-        assert "truncated" in msg or "broke off" in msg, msg
-        expect_error(lambda: quiet(data.download, url + "/500", cut), "HTTP 500", "put it at " + cut)
-    expect_error(lambda: quiet(data.download, closed_url() + "/f", cut), "no network", "put it at " + cut)
-    assert hits.count("/f") == 1 and open(dest, "rb").read() == body
-    assert not [f for f in os.listdir(d) + os.listdir(os.path.dirname(dest)) if f.endswith(".part") or f == "cut"]
-    # The server is gone now: a file already in place must be used without any network access.
-    assert data.download("http://127.0.0.1:9/gone", dest, md5=md5, size=len(body)) == dest
-    # A file in place that fails its checksum is used only on explicit request (stand-ins), and said so.
-    with patched(os, environ={**os.environ, "MM_TRUST_LOCAL": "1"}):
-        _, note = quiet(data.download, "http://127.0.0.1:9/gone", dest, md5="0" * 32)
-    assert "without checking" in note and open(dest, "rb").read() == body
-    with patched(os, environ={k: v for k, v in os.environ.items() if k != "MM_TRUST_LOCAL"}):
-        expect_error(lambda: data.download("http://127.0.0.1:9/gone", dest, md5="0" * 32), "MM_TRUST_LOCAL")
-    assert os.path.exists(dest + ".bad") and not os.path.exists(dest)
-
-# ---------------------------------------------------------------------------------------------
-# data.py: AddNIST and CIFAR-100 parsing
-
-def test_addnist_zip_download_extract_and_load():
-    for nested in (True, False):
-        root = tmpdir()
-        with http_server({"/addnist": (200, addnist_zip_bytes(nested), None)}) as (url, hits):
-            with patched(data, ADDNIST_URL=url + "/addnist"):
-                (x, y), _ = quiet(data.load_split, "addnist", "train", root)
-                assert x.dtype == np.float32 and x.shape == (48, 3, 28, 28) and y.dtype == np.int64
-                xt, yt = data.load_test("addnist", root)
-                assert xt.shape == (24, 3, 28, 28) and len(hits) == 1  # unpacked once, then cached
-        ref = write_addnist(tmpdir())  # same seed: the arrays must round-trip bit for bit
-        assert np.array_equal(x, np.load(os.path.join(ref, "train_x.npy")))
-        assert sorted(os.listdir(root)) == ["addnist"], os.listdir(root)  # no .part, .tmp or zip left
-
-def test_addnist_folder_taken_as_is_and_bad_files_refused():
-    root = write_addnist(tmpdir())
-    assert data.load_split("addnist", "valid", root)[0].shape == (16, 3, 28, 28)  # a folder of the six files
-    for dataset in ("addnist", "cifar100"):
-        expect_error(lambda: data.load_split(dataset, "test", root), "load_test")  # test only through load_test
-    nhwc = np.zeros((4, 28, 28, 3), np.float32)  # channels last: the wrong layout
-    for name, array, needles in (("train_x.npy", nhwc, ("train_x.npy", "(N, 3, 28, 28)")),
-                                 ("train_x.npy", np.zeros((48, 3, 28, 28)), ("float64",)),
-                                 ("valid_y.npy", np.zeros(16, np.int32), ("valid_y.npy", "int64"))):
-        np.save(os.path.join(root, name), array)
-        expect_error(lambda: data.load_split("addnist", name[:5], root), *needles)
-    os.remove(os.path.join(root, "test_y.npy"))
-    expect_error(lambda: data.load_split("addnist", "valid", root), "test_y.npy")  # incomplete folder
-    with open(os.path.join(write_addnist(root := tmpdir()), "train_y.npy"), "r+b") as f:  # corrupt header
-        f.write(b"garbage!")
-    expect_error(lambda: data.load_split("addnist", "train", root), "train_y.npy")
-    with http_server({"/z": (200, b"PK\x03\x04 this is not a zip", None)}) as (url, _), \
-            patched(data, ADDNIST_URL=url + "/z"):
-        expect_error(lambda: quiet(data.load_split, "addnist", "train", root := tmpdir()), "addnist.zip", ".bad")
-    assert not os.path.exists(os.path.join(root, "addnist"))
-
-def test_cifar100_parse_and_errors():
-    blob = cifar100_tar_bytes()
-    root = tmpdir()
-    with http_server({"/c": (200, blob, None)}) as (url, _):
-        with patched(data, CIFAR100_URL=url + "/c", CIFAR100_MD5=hashlib.md5(blob).hexdigest(),
-                     CIFAR100_BYTES=len(blob)):
-            (x, y), _ = quiet(data.load_split, "cifar100", "train", root)
-            xt, yt = data.load_test("cifar100", root)
-    assert x.shape == (20, 3, 32, 32) and x.dtype == np.uint8 and y.dtype == np.int64
-    assert xt.shape == (10, 3, 32, 32)
-    # Channel-major rows: the first 1024 bytes are the red plane, row by row.
-    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-        raw = pickle.load(tar.extractfile("cifar-100-python/train"), encoding="bytes")
-    assert np.array_equal(x[3, 0, 1, :], raw[b"data"][3, 32:64])
-    assert np.array_equal(x[3, 2, 0, :], raw[b"data"][3, 2048:2080])
-    assert y.tolist() == raw[b"fine_labels"]
-    # A truncated archive that somehow passed (no checksum to catch it) still gives a one-line error.
-    bad_root = tmpdir()
-    with open(os.path.join(bad_root, "cifar-100-python.tar.gz"), "wb") as f:
-        f.write(blob[: len(blob) // 2])
-    with patched(data, CIFAR100_MD5="", CIFAR100_BYTES=None):
-        expect_error(lambda: data.load_split("cifar100", "train", bad_root), "corrupt")
-    # With the real checksum, the same file is refused and moved aside.
-    expect_error(lambda: data.load_split("cifar100", "train", bad_root), ".bad")
-    assert not os.path.exists(os.path.join(bad_root, "cifar-100-python.tar.gz"))
-
-# ---------------------------------------------------------------------------------------------
 # The classifier's pieces against references
 
 def test_sum_log_probs_matches_brute_force():
@@ -791,111 +694,6 @@ def test_sample_only_reports_the_checkpoint_it_sampled():
     assert m["config"]["widths"] == "8,16,16" and m["config"]["steps"] == 6
 
 # ---------------------------------------------------------------------------------------------
-# Misuse: every bad call gets one line on stderr, exit non-zero, and touches no file
-
-def snapshot(*folders):
-    """{path: (size, md5)} of every file under the folders (missing folders included as absent)."""
-    files = {}
-    for folder in folders:
-        for where, _, names in os.walk(folder):
-            for name in names:
-                path = os.path.join(where, name)
-                files[path] = (os.path.getsize(path), hashlib.md5(open(path, "rb").read()).hexdigest())
-        files[folder] = os.path.exists(folder)
-    return files
-
-def run_script(script, *args):
-    env = dict(os.environ, MM_TEST_DEVICE=DEVICE)
-    if script == "mm.py":  # the tiny CIFAR archive has no official checksum; fid.py's cases check theirs
-        env["MM_TRUST_LOCAL"] = "1"
-    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True,
-                          timeout=300, env=env, stdin=subprocess.DEVNULL)
-
-def test_bad_invocations_get_one_line_and_touch_nothing():
-    addnist = write_addnist(tmpdir())
-    with tiny_cifar() as cifar:
-        finished, paused, finished_vgg = tmpdir(), tmpdir(), tmpdir()
-        quiet(mm.classify, tiny_cfg(addnist, finished))
-        quiet(mm.classify, tiny_cfg(addnist, paused, pause_at=4))
-        quiet(mm.gradflow, tiny_gradflow_cfg(cifar, finished_vgg, epochs=1))
-        gen = tmpdir()
-        quiet(mm.generate, tiny_gen_cfg(cifar, gen, steps=2))
-    real = open(os.path.join(finished, "run0", "ckpt.pt"), "rb").read()
-    broken = {}  # checkpoints that are not ones classify wrote
-    for kind, content in (("garbage", b"not a checkpoint" * 64), ("truncated", real[:len(real) // 2]),
-                          ("empty", b""), ("other-command", open(os.path.join(gen, "ckpt.pt"), "rb").read())):
-        broken[kind] = tmpdir()
-        os.makedirs(os.path.join(broken[kind], "run0"))
-        with open(os.path.join(broken[kind], "run0", "ckpt.pt"), "wb") as f:
-            f.write(content)
-    a_file = os.path.join(tmpdir(), "a_file")
-    open(a_file, "w").close()
-    fresh = os.path.join(tmpdir(), "fresh")  # must still not exist afterwards
-    stats = os.path.join(tmpdir(), "stats64.npz")
-    np.savez(stats, mu=np.zeros(64), sigma=np.eye(64))
-    images = os.path.join(tmpdir(), "images.npy")
-    np.save(images, np.zeros((4, 3, 8, 8), np.uint8))
-    not_png = tmpdir()
-    open(os.path.join(not_png, "a.png"), "w").write("this is text")
-    weights = os.path.join(tmpdir(), "my.pth")
-    open(weights, "wb").write(b"\0" * 100)
-    c = ["classify", "--data-dir", addnist, "--batch-size", "8"]  # the tiny sets hold fewer images than a batch
-    g, v = ["generate", "--data-dir", cifar], ["gradflow", "--data-dir", cifar]
-    bad_values = [(c, "--arch 32,X|--arch M,M,M,M,M,M|--steps 0|--batch-size 4096|--lr fast|--lr -1|--pause-at -3|"
-                      "--eval-train 0|--eval-train -5|--shift -2|--ema 1.5|--ema -0.5|--warmup -10|--zoom 5"),
-                  (g, "--widths 0,0,0|--widths a,b,c|--blocks 0|--emb-dim 0|--p-uncond 5|--sigma-data 0|"
-                      "--fid-samples 0|--dropout 2|--ema 0.5|--warmup 1000"), (v, "--depth 9")]
-    tiny_classify = ["--arch", "8,M,16", "--steps", "6", "--batch-size", "8", "--warmup", "2", "--eval-train", "32"]
-    mm_cases = [(base + ["--out", fresh, *case.split()], case.split()[0])
-                for base, cases in bad_values for case in cases.split("|")] + [
-        (g + ["--out", fresh, "--widths", "8,12,16"], "multiple of 8"), (["nonsense"], "invalid choice"),
-        (g + ["--out", fresh, "--steps", "60000"], "60,000"), (c + ["--out", fresh, "--resume"], "holds no checkpoint"),
-        *([] if torch.cuda.is_available() else [(c + ["--out", fresh, "--device", "cuda"], "cuda")]),
-        *((c + ["--out", folder, "--resume", *tiny_classify], "not a checkpoint") for folder in broken.values()),
-        (g + ["--out", fresh, "--sample-only", "--ckpt", os.path.join(broken["garbage"], "run0", "ckpt.pt")],
-         "not a checkpoint"),
-        (c + ["--out", "/proc/mm-test-out"], "cannot write"),
-        (c + ["--out", os.path.join(a_file, "sub")], "cannot write"),
-        (["classify", "--data-dir", a_file, "--out", fresh], "is a file"),
-        (c + ["--out", paused, "--resume", "--pause-at", "2", *tiny_classify], "--pause-at 2"),
-        (c + ["--out", finished, "--resume", "--steps", "60"], "--steps"),
-        (v + ["--out", finished_vgg, "--resume", "--depth", "8", "--batch-size", "4", "--val-size", "4",
-              "--epochs", "5"], "--epochs"),
-    ]
-    fid_cases = [
-        ([images, images, "--batch-size", "-1"], "--batch-size"),
-        ([images, images, "--batch-size", "0"], "--batch-size"),
-        ([images, images, "--weights", weights], "left as it is"), ([not_png, images], "not a readable image"),
-        ([stats, images], "--dims"), ([images, "--save-stats", os.path.join(fresh, "s.npz")], "does not exist"),
-        ([images, images, "--dims", "7"], "--dims"), ([os.path.join(fresh, "x.npz"), stats], "does not exist"),
-        ([stats], "--save-stats"),
-    ]
-    watched = [addnist, cifar, finished, paused, finished_vgg, fresh, weights, not_png, *broken.values()]
-    before = snapshot(*watched)
-    jobs = [("mm.py", args, needle) for args, needle in mm_cases] + [("fid.py", a, n) for a, n in fid_cases]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # subprocesses: 4 at a time
-        results = list(pool.map(lambda job: run_script(job[0], *job[1]), jobs))
-    for (script, args, needle), r in zip(jobs, results):
-        one_line_error(r, needle)
-    after = snapshot(*watched)
-    changed = sorted(set(before.items()) ^ set(after.items()))
-    assert not changed and os.path.exists(weights), changed  # nothing created, changed or renamed
-
-def test_second_ctrl_c_says_which_checkpoint_is_kept():
-    def pressed_twice(cfg):
-        mm.save_checkpoint(os.path.join(out, "ckpt.pt"), {"step": 40})
-        raise KeyboardInterrupt
-
-    out = tmpdir()
-    with patched(mm, COMMANDS={**mm.COMMANDS, "classify": (mm.ClassifyConfig, pressed_twice, "")}):
-        try:
-            mm.main(["classify"])
-            raise AssertionError("main() returned after an abort")
-        except SystemExit as e:
-            msg = str(e.code)
-    assert msg.startswith("error: aborted") and "ckpt.pt (after 40)" in msg and "\n" not in msg, msg
-
-# ---------------------------------------------------------------------------------------------
 # GPU readiness, proven on the CPU: device mix-ups (meta device), mixed precision (CPU bf16), a static scan
 
 def one_step_of_each(hw):
@@ -1092,6 +890,208 @@ def test_mean_band_uses_the_steps_every_run_has():
     line = mm.band_line("acc", (0, 0, 0), curves, "step", "acc")
     assert line.xs == [10, 30] and np.allclose(line.ys, [0.2, 0.4])
     assert np.allclose(line.band[0], [0.2 - math.sqrt(0.02), 0.4 - math.sqrt(0.02)])
+
+# ---------------------------------------------------------------------------------------------
+# Misuse: every bad call gets one line on stderr, exit non-zero, and touches no file
+
+def snapshot(*folders):
+    """{path: (size, md5)} of every file under the folders (missing folders included as absent)."""
+    files = {}
+    for folder in folders:
+        for where, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(where, name)
+                files[path] = (os.path.getsize(path), hashlib.md5(open(path, "rb").read()).hexdigest())
+        files[folder] = os.path.exists(folder)
+    return files
+
+def run_script(script, *args):
+    env = dict(os.environ, MM_TEST_DEVICE=DEVICE)
+    if script == "mm.py":  # the tiny CIFAR archive has no official checksum; fid.py's cases check theirs
+        env["MM_TRUST_LOCAL"] = "1"
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True,
+                          timeout=300, env=env, stdin=subprocess.DEVNULL)
+
+def test_bad_invocations_get_one_line_and_touch_nothing():
+    addnist = write_addnist(tmpdir())
+    with tiny_cifar() as cifar:
+        finished, paused, finished_vgg = tmpdir(), tmpdir(), tmpdir()
+        quiet(mm.classify, tiny_cfg(addnist, finished))
+        quiet(mm.classify, tiny_cfg(addnist, paused, pause_at=4))
+        quiet(mm.gradflow, tiny_gradflow_cfg(cifar, finished_vgg, epochs=1))
+        gen = tmpdir()
+        quiet(mm.generate, tiny_gen_cfg(cifar, gen, steps=2))
+    real = open(os.path.join(finished, "run0", "ckpt.pt"), "rb").read()
+    broken = {}  # checkpoints that are not ones classify wrote
+    for kind, content in (("garbage", b"not a checkpoint" * 64), ("truncated", real[:len(real) // 2]),
+                          ("empty", b""), ("other-command", open(os.path.join(gen, "ckpt.pt"), "rb").read())):
+        broken[kind] = tmpdir()
+        os.makedirs(os.path.join(broken[kind], "run0"))
+        with open(os.path.join(broken[kind], "run0", "ckpt.pt"), "wb") as f:
+            f.write(content)
+    a_file = os.path.join(tmpdir(), "a_file")
+    open(a_file, "w").close()
+    fresh = os.path.join(tmpdir(), "fresh")  # must still not exist afterwards
+    stats = os.path.join(tmpdir(), "stats64.npz")
+    np.savez(stats, mu=np.zeros(64), sigma=np.eye(64))
+    images = os.path.join(tmpdir(), "images.npy")
+    np.save(images, np.zeros((4, 3, 8, 8), np.uint8))
+    not_png = tmpdir()
+    open(os.path.join(not_png, "a.png"), "w").write("this is text")
+    weights = os.path.join(tmpdir(), "my.pth")
+    open(weights, "wb").write(b"\0" * 100)
+    c = ["classify", "--data-dir", addnist, "--batch-size", "8"]  # the tiny sets hold fewer images than a batch
+    g, v = ["generate", "--data-dir", cifar], ["gradflow", "--data-dir", cifar]
+    bad_values = [(c, "--arch 32,X|--arch M,M,M,M,M,M|--steps 0|--batch-size 4096|--lr fast|--lr -1|--pause-at -3|"
+                      "--eval-train 0|--eval-train -5|--shift -2|--ema 1.5|--ema -0.5|--warmup -10|--zoom 5"),
+                  (g, "--widths 0,0,0|--widths a,b,c|--blocks 0|--emb-dim 0|--p-uncond 5|--sigma-data 0|"
+                      "--fid-samples 0|--dropout 2|--ema 0.5|--warmup 1000"), (v, "--depth 9")]
+    tiny_classify = ["--arch", "8,M,16", "--steps", "6", "--batch-size", "8", "--warmup", "2", "--eval-train", "32"]
+    mm_cases = [(base + ["--out", fresh, *case.split()], case.split()[0])
+                for base, cases in bad_values for case in cases.split("|")] + [
+        (g + ["--out", fresh, "--widths", "8,12,16"], "multiple of 8"), (["nonsense"], "invalid choice"),
+        (g + ["--out", fresh, "--steps", "60000"], "60,000"), (c + ["--out", fresh, "--resume"], "holds no checkpoint"),
+        *([] if torch.cuda.is_available() else [(c + ["--out", fresh, "--device", "cuda"], "cuda")]),
+        *((c + ["--out", folder, "--resume", *tiny_classify], "not a checkpoint") for folder in broken.values()),
+        (g + ["--out", fresh, "--sample-only", "--ckpt", os.path.join(broken["garbage"], "run0", "ckpt.pt")],
+         "not a checkpoint"),
+        (c + ["--out", "/proc/mm-test-out"], "cannot write"),
+        (c + ["--out", os.path.join(a_file, "sub")], "cannot write"),
+        (["classify", "--data-dir", a_file, "--out", fresh], "is a file"),
+        (c + ["--out", paused, "--resume", "--pause-at", "2", *tiny_classify], "--pause-at 2"),
+        (c + ["--out", finished, "--resume", "--steps", "60"], "--steps"),
+        (v + ["--out", finished_vgg, "--resume", "--depth", "8", "--batch-size", "4", "--val-size", "4",
+              "--epochs", "5"], "--epochs"),
+    ]
+    fid_cases = [
+        ([images, images, "--batch-size", "-1"], "--batch-size"),
+        ([images, images, "--batch-size", "0"], "--batch-size"),
+        ([images, images, "--weights", weights], "left as it is"), ([not_png, images], "not a readable image"),
+        ([stats, images], "--dims"), ([images, "--save-stats", os.path.join(fresh, "s.npz")], "does not exist"),
+        ([images, images, "--dims", "7"], "--dims"), ([os.path.join(fresh, "x.npz"), stats], "does not exist"),
+        ([stats], "--save-stats"),
+    ]
+    watched = [addnist, cifar, finished, paused, finished_vgg, fresh, weights, not_png, *broken.values()]
+    before = snapshot(*watched)
+    jobs = [("mm.py", args, needle) for args, needle in mm_cases] + [("fid.py", a, n) for a, n in fid_cases]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # subprocesses: 4 at a time
+        results = list(pool.map(lambda job: run_script(job[0], *job[1]), jobs))
+    for (script, args, needle), r in zip(jobs, results):
+        one_line_error(r, needle)
+    after = snapshot(*watched)
+    changed = sorted(set(before.items()) ^ set(after.items()))
+    assert not changed and os.path.exists(weights), changed  # nothing created, changed or renamed
+
+def test_second_ctrl_c_says_which_checkpoint_is_kept():
+    def pressed_twice(cfg):
+        mm.save_checkpoint(os.path.join(out, "ckpt.pt"), {"step": 40})
+        raise KeyboardInterrupt
+
+    out = tmpdir()
+    with patched(mm, COMMANDS={**mm.COMMANDS, "classify": (mm.ClassifyConfig, pressed_twice, "")}):
+        try:
+            mm.main(["classify"])
+            raise AssertionError("main() returned after an abort")
+        except SystemExit as e:
+            msg = str(e.code)
+    assert msg.startswith("error: aborted") and "ckpt.pt (after 40)" in msg and "\n" not in msg, msg
+
+# ---------------------------------------------------------------------------------------------
+# data.py: downloads
+
+def test_download_verifies_caches_and_fails_in_one_line():
+    body, d = os.urandom(300_000), tmpdir()
+    dest, md5 = os.path.join(d, "sub", "file.bin"), hashlib.md5(body).hexdigest()
+    routes = {"/f": (200, body, None), "/bad": (200, b"not the real bytes", None), "/cut": (200, b"x" * 1000, 5000),
+              "/500": (500, b"oops", None), "/w": (200, b"weights" * 1000, None)}
+    with http_server(routes) as (url, hits):
+        assert "did not exist" in quiet(data.download, url + "/f", dest, md5=md5, size=len(body), quiet=True)[1]
+        bad = os.path.join(d, "bad.bin")  # a wrong checksum: kept aside as .bad, never reused, fetched again
+        for _ in range(2):
+            expect_error(lambda: quiet(data.download, url + "/bad", bad, md5="0" * 32), "md5", ".bad")
+        assert hits.count("/bad") == 2 and os.path.exists(bad + ".bad") and not os.path.exists(bad)
+        quiet(data.download, url + "/w", w := os.path.join(d, "w.pth"), sha256=hashlib.sha256(b"weights" * 1000)
+              .hexdigest()[:8])  # a sha256 prefix is accepted
+        assert os.path.getsize(w) == 7000
+        cut = os.path.join(d, "cut")
+        msg = expect_error(lambda: quiet(data.download, url + "/cut", cut), "by hand", cut)
+        assert "truncated" in msg or "broke off" in msg, msg
+        expect_error(lambda: quiet(data.download, url + "/500", cut), "HTTP 500", "put it at " + cut)
+    expect_error(lambda: quiet(data.download, closed_url() + "/f", cut), "no network", "put it at " + cut)
+    assert hits.count("/f") == 1 and open(dest, "rb").read() == body
+    assert not [f for f in os.listdir(d) + os.listdir(os.path.dirname(dest)) if f.endswith(".part") or f == "cut"]
+    # The server is gone now: a file already in place must be used without any network access.
+    assert data.download("http://127.0.0.1:9/gone", dest, md5=md5, size=len(body)) == dest
+    # A file in place that fails its checksum is used only on explicit request (stand-ins), and said so.
+    with patched(os, environ={**os.environ, "MM_TRUST_LOCAL": "1"}):
+        _, note = quiet(data.download, "http://127.0.0.1:9/gone", dest, md5="0" * 32)
+    assert "without checking" in note and open(dest, "rb").read() == body
+    with patched(os, environ={k: v for k, v in os.environ.items() if k != "MM_TRUST_LOCAL"}):
+        expect_error(lambda: data.download("http://127.0.0.1:9/gone", dest, md5="0" * 32), "MM_TRUST_LOCAL")
+    assert os.path.exists(dest + ".bad") and not os.path.exists(dest)
+
+# ---------------------------------------------------------------------------------------------
+# data.py: AddNIST and CIFAR-100 parsing
+
+def test_addnist_zip_download_extract_and_load():
+    for nested in (True, False):
+        root = tmpdir()
+        with http_server({"/addnist": (200, addnist_zip_bytes(nested), None)}) as (url, hits):
+            with patched(data, ADDNIST_URL=url + "/addnist"):
+                (x, y), _ = quiet(data.load_split, "addnist", "train", root)
+                assert x.dtype == np.float32 and x.shape == (48, 3, 28, 28) and y.dtype == np.int64
+                xt, yt = data.load_test("addnist", root)
+                assert xt.shape == (24, 3, 28, 28) and len(hits) == 1  # unpacked once, then cached
+        ref = write_addnist(tmpdir())  # same seed: the arrays must round-trip bit for bit
+        assert np.array_equal(x, np.load(os.path.join(ref, "train_x.npy")))
+        assert sorted(os.listdir(root)) == ["addnist"], os.listdir(root)  # no .part, .tmp or zip left
+
+def test_addnist_folder_taken_as_is_and_bad_files_refused():
+    root = write_addnist(tmpdir())
+    assert data.load_split("addnist", "valid", root)[0].shape == (16, 3, 28, 28)  # a folder of the six files
+    for dataset in ("addnist", "cifar100"):
+        expect_error(lambda: data.load_split(dataset, "test", root), "load_test")  # test only through load_test
+    nhwc = np.zeros((4, 28, 28, 3), np.float32)  # channels last: the wrong layout
+    for name, array, needles in (("train_x.npy", nhwc, ("train_x.npy", "(N, 3, 28, 28)")),
+                                 ("train_x.npy", np.zeros((48, 3, 28, 28)), ("float64",)),
+                                 ("valid_y.npy", np.zeros(16, np.int32), ("valid_y.npy", "int64"))):
+        np.save(os.path.join(root, name), array)
+        expect_error(lambda: data.load_split("addnist", name[:5], root), *needles)
+    os.remove(os.path.join(root, "test_y.npy"))
+    expect_error(lambda: data.load_split("addnist", "valid", root), "test_y.npy")  # incomplete folder
+    with open(os.path.join(write_addnist(root := tmpdir()), "train_y.npy"), "r+b") as f:  # corrupt header
+        f.write(b"garbage!")
+    expect_error(lambda: data.load_split("addnist", "train", root), "train_y.npy")
+    with http_server({"/z": (200, b"PK\x03\x04 this is not a zip", None)}) as (url, _), \
+            patched(data, ADDNIST_URL=url + "/z"):
+        expect_error(lambda: quiet(data.load_split, "addnist", "train", root := tmpdir()), "addnist.zip", ".bad")
+    assert not os.path.exists(os.path.join(root, "addnist"))
+
+def test_cifar100_parse_and_errors():
+    blob = cifar100_tar_bytes()
+    root = tmpdir()
+    with http_server({"/c": (200, blob, None)}) as (url, _):
+        with patched(data, CIFAR100_URL=url + "/c", CIFAR100_MD5=hashlib.md5(blob).hexdigest(),
+                     CIFAR100_BYTES=len(blob)):
+            (x, y), _ = quiet(data.load_split, "cifar100", "train", root)
+            xt, yt = data.load_test("cifar100", root)
+    assert x.shape == (20, 3, 32, 32) and x.dtype == np.uint8 and y.dtype == np.int64
+    assert xt.shape == (10, 3, 32, 32)
+    # Channel-major rows: the first 1024 bytes are the red plane, row by row.
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        raw = pickle.load(tar.extractfile("cifar-100-python/train"), encoding="bytes")
+    assert np.array_equal(x[3, 0, 1, :], raw[b"data"][3, 32:64])
+    assert np.array_equal(x[3, 2, 0, :], raw[b"data"][3, 2048:2080])
+    assert y.tolist() == raw[b"fine_labels"]
+    # A truncated archive that somehow passed (no checksum to catch it) still gives a one-line error.
+    bad_root = tmpdir()
+    with open(os.path.join(bad_root, "cifar-100-python.tar.gz"), "wb") as f:
+        f.write(blob[: len(blob) // 2])
+    with patched(data, CIFAR100_MD5="", CIFAR100_BYTES=None):
+        expect_error(lambda: data.load_split("cifar100", "train", bad_root), "corrupt")
+    # With the real checksum, the same file is refused and moved aside.
+    expect_error(lambda: data.load_split("cifar100", "train", bad_root), ".bad")
+    assert not os.path.exists(os.path.join(bad_root, "cifar-100-python.tar.gz"))
 
 # ---------------------------------------------------------------------------------------------
 # fid.py: the distance in closed form, the square root against scipy, the network's structure
