@@ -343,12 +343,13 @@ def classify(cfg):
     for key in (f"{split}_{what}" for split in splits for what in ("loss", "acc")):
         metrics[f"{key}_mean"], metrics[f"{key}_std"] = mean_std([r[key] for r in results])
     metrics["per_run"] = results
-    print_table([{"seed": r["seed"], "steps": r["steps"], "train loss": f"{r['train_loss']:.4f}",
-                  **{f"{s} acc %": f"{100 * r[s + '_acc']:.2f}" for s in splits}, "time": fmt_time(r["seconds"])}
-                 for r in results] + [{"seed": f"mean ± std (n={len(results)})", "steps": "",
-                 "train loss": "{train_loss_mean:.4f} ± {train_loss_std:.4f}".format(**metrics),
-                 **{f"{s} acc %": percent((metrics[f"{s}_acc_mean"], metrics[f"{s}_acc_std"])) for s in splits},
-                 "time": ""}])
+    rows = [{"seed": r["seed"], "steps": r["steps"], "train loss": f"{r['train_loss']:.4f}",
+             **{f"{s} acc %": f"{100 * r[s + '_acc']:.2f}" for s in splits}, "time": fmt_time(r["seconds"])}
+            for r in results]
+    print_table(rows + [{"seed": f"mean ± std (n={len(results)})", "steps": "",
+                         "train loss": "{train_loss_mean:.4f} ± {train_loss_std:.4f}".format(**metrics),
+                         **{f"{s} acc %": percent((metrics[f"{s}_acc_mean"], metrics[f"{s}_acc_std"]))
+                            for s in splits}, "time": ""}])
     save_json(os.path.join(cfg.out, "metrics.json"), metrics)
     plot_accuracy(os.path.join(cfg.out, "accuracy.png"), results)
     print(f"wrote {cfg.out}/config.json, metrics.json, accuracy.png, run*/ckpt.pt")
@@ -553,9 +554,9 @@ def train_generator(cfg, net, ema, opt, scaler, x_train, y_train, hw, ckpt_path,
                              lr=f"{lr:.1e}", img_per_s=f"{rate:.0f}")
             loss_sum.zero_()
         if done % max(1, cfg.steps // 10) == 0 and done < cfg.steps:  # a grid to watch the run by
+            checkpoint(done)  # first: a Ctrl-C while the grid is drawn keeps these steps
             grid = sample_images(ema.eval(), torch.arange(64) % 100, cfg, hw, cfg.seed)
             save_grid(os.path.join(cfg.out, "progress.png"), grid, 8, f"EMA samples after {done:,} steps")
-            checkpoint(done)
             since = (done, time.time())
         if STOP:
             checkpoint(done)
@@ -576,7 +577,8 @@ def sample_images(net, labels, cfg, hw, seed):
         print(f"sampling {done}/{len(labels)} | {rate:.1f} img/s | eta {fmt_time((len(labels) - done) / rate)}",
               file=sys.stderr, flush=True)
         if STOP:  # Ctrl-C: the samples drawn so far are not worth keeping, the checkpoint is
-            raise UserError("interrupted while sampling; the checkpoint stands, and --sample-only draws again")
+            raise UserError("interrupted while sampling; the last checkpoint stands: --resume continues its "
+                            "training, --sample-only draws the samples again")
     return torch.cat(out)
 
 def interpolations(net, cfg, hw, seed, pairs=8, frames=10):
@@ -830,18 +832,20 @@ def gradflow(cfg):
     start_record(cfg, len(splits[0][0]))
     rows = []
     for config, run_cfg, run_dirs in plan:
-        print(f"=== {config.name}: > Number of parameters {count_params(VGG(*config[1:4]))}")
+        print(f"=== {config.name}: > Number of parameters "
+              f"{count_params(VGG(config.depth, config.bn, config.residual))}")
         results = []
         for r, run_dir in enumerate(run_dirs):
             results.append(train_vgg(run_cfg, cfg.seed + r, run_dir, splits, hw))
             if results[-1] is None:  # paused
                 return None
             save_json(os.path.join(run_dir, "metrics.json"), results[-1])
-        rows.append({"name": config.name, "params": results[0]["params"], "epochs": results[0]["epochs"],
-                     "lr": config.lr, "runs": len(results),
-                     "known_train_val": [config.known_train_acc, config.known_val_acc] if cfg.compare else None,
-                     **{f"{key}_{s}": v for key in ("train_acc", "val_acc", "best_val_acc", "test_acc")
-                        for s, v in zip(("mean", "std"), mean_std([r[key] for r in results]))}})
+        row = {"name": config.name, "params": results[0]["params"], "epochs": results[0]["epochs"],
+               "lr": config.lr, "runs": len(results),
+               "known_train_val": [config.known_train_acc, config.known_val_acc] if cfg.compare else None}
+        for key in ("train_acc", "val_acc", "best_val_acc", "test_acc"):
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r[key] for r in results])
+        rows.append(row)
     print(f"\naccuracy % as mean ± std over {cfg.runs} seed(s); known = published train / val %")
     print_table([{"configuration": row["name"], "params": f"{row['params']:,}",
                   **{f"{split} acc": percent((row[f"{split}_acc_mean"], row[f"{split}_acc_std"]))
@@ -1354,12 +1358,14 @@ def report(cfg):
         raise UserError("none of the named runs has finished (no metrics.json); nothing to report")
     make_folder(cfg.out)
     rep = Report(cfg.out)
-    for part, draw in (("classify", lambda: report_classifier(rep, found["classify"])),
-                       ("generate", lambda: report_generator(rep, found["generate"], cfg.generate)),
-                       ("scaling", lambda: report_scaling(rep, points)),
-                       ("gradflow", lambda: report_depth_study(rep, found["gradflow"], cfg.gradflow))):
-        if part in found or (part == "scaling" and points):
-            draw()
+    if "classify" in found:
+        report_classifier(rep, found["classify"])
+    if "generate" in found:
+        report_generator(rep, found["generate"], cfg.generate)
+    if points:
+        report_scaling(rep, points)
+    if "gradflow" in found:
+        report_depth_study(rep, found["gradflow"], cfg.gradflow)
     with open(os.path.join(cfg.out, "report.md"), "w") as f:
         f.write("# Results\n\n" + "\n".join(rep.md))
     with open(os.path.join(cfg.out, "report.tex"), "w") as f:  # \input{report} in a paper
@@ -1455,9 +1461,9 @@ def field_help(cls):
 def main(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    shared = {f.name for f in fields(RunConfig)}  # listed after each command's own flags
     for name, (cls, _, text) in COMMANDS.items():
         command, helps = sub.add_parser(name, help=text, description=text), field_help(cls)
-        shared = {f.name for f in fields(RunConfig)}  # listed after the command's own flags
         for f in sorted(fields(cls), key=lambda f: f.name in shared):  # a --flag per field: type, default, comment
             flag, shown = "--" + f.name.replace("_", "-"), "empty" if f.default == "" else "%(default)s"
             if f.type is bool:

@@ -575,6 +575,11 @@ def test_interrupt_stops_at_the_next_step():
         expect_error(lambda: quiet(mm.gradflow, cfg), "interrupted in epoch 1", "no epoch had finished",
                      "repeats epoch 1")
         assert not any("ckpt.pt" in f for _, _, fs in os.walk(cfg.out) for f in fs)  # no half-epoch checkpoint
+        # generate draws progress.png every tenth of the run (here every step): a Ctrl-C while it draws
+        # keeps the checkpoint of the steps already taken, written before the grid
+        cfg = tiny_gen_cfg(croot, out := tmpdir())
+        expect_error(lambda: quiet(mm.generate, cfg), "interrupted while sampling", "--resume")
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == 1
 
 # ---------------------------------------------------------------------------------------------
 # The run skeleton: a resumed run follows the schedule it started with, and every record tells the truth
