@@ -91,7 +91,6 @@ class GenerateConfig(RunConfig):
     guidance: float = 3.0  # classifier-free guidance scale w (1 = plain conditional, half the evaluations)
     fid_samples: int = 10_000  # samples drawn for FID and samples.npz (at least the grid's 64)
     sample_batch: int = 1000  # samples per sampler call
-    compile: str = "auto"  # torch.compile the training forward: auto (on for CUDA) | on | off
 
 @dataclass
 class GradflowConfig(RunConfig):
@@ -108,8 +107,7 @@ class GradflowConfig(RunConfig):
     runs: int = 1  # independent runs with seeds seed, seed+1, ...
 
 CHOICES = {"train_on": ("train", "train+valid"), "depth": (8, 38),
-           "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16"),
-           "compile": ("auto", "on", "off")}
+           "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16")}
 POSITIVE = {"steps", "epochs", "batch_size", "lr", "runs", "eval_every", "eval_train", "log_every",
             "blocks", "emb_dim", "sigma_data", "p_std", "sampler_steps", "fid_samples", "sample_batch",
             "val_size", "repeats"}  # every other number (but p_mean, a log) must not be negative
@@ -117,7 +115,7 @@ POSITIVE = {"steps", "epochs", "batch_size", "lr", "runs", "eval_every", "eval_t
 # (it acts after training). Every other field shapes the trajectory: a checkpoint continues only
 # with the values it was trained with.
 RESUME_FREE = {"data_dir", "out", "allow_penalty", "runs", "compare", "eval_every", "log_every", "device",
-               "precision", "deterministic", "compile", "resume", "sample_only", "pause_at", "ckpt",
+               "precision", "deterministic", "resume", "sample_only", "pause_at", "ckpt",
                "sampler_steps", "guidance", "fid_samples", "sample_batch"}
 
 def check_numbers(cfg, below=None):
@@ -517,11 +515,6 @@ def slerp(a, b, t):
 
 def train_generator(cfg, net, ema, opt, scaler, x_train, y_train, hw, ckpt_path, run):
     """The budgeted loop from run["step"]; returns the run record at the end (None when paused)."""
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and hw.device.type == "cuda")
-    if use_compile:
-        torch._dynamo.config.suppress_errors = True  # a failed compile falls back to eager, with a warning
-        print("compiling the training forward with torch.compile (slow first steps; falls back to eager)")
-    forward = torch.compile(net) if use_compile else net  # shares net's parameters
     curve, stop_at, t0 = run["curve"], stop_point(cfg.pause_at, run["step"], cfg.steps), time.time()
     checkpoint = lambda step: save_checkpoint(ckpt_path, dict(
         command="generate", **states(model=net, ema=ema, opt=opt, scaler=scaler), step=step,
@@ -536,7 +529,7 @@ def train_generator(cfg, net, ema, opt, scaler, x_train, y_train, hw, ckpt_path,
         xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)  # horizontal flips
         net.train()
         with autocast(hw):
-            loss = edm_loss(forward, xb, y_train[idx], cfg)
+            loss = edm_loss(net, xb, y_train[idx], cfg)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones
@@ -977,14 +970,11 @@ def paused(done, cfg, unit="step"):
 def states(**objects):
     return {name: obj.state_dict() for name, obj in objects.items()}
 
-LAST_CHECKPOINT = {}  # path and step of the newest checkpoint, for the message of an abort
-
 def save_checkpoint(path, state):
     """Atomic save (a .tmp renamed into place): an interrupted write never clobbers the last one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
-    LAST_CHECKPOINT.update(path=path, step=state.get("step", state.get("epoch")))
 
 def load_checkpoint(path, command, cfg=None):
     """A checkpoint of `command`, loaded to the CPU. Given cfg, every field outside RESUME_FREE must
@@ -1383,7 +1373,6 @@ class BenchConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPUs with fast bf16, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
     deterministic: bool = True  # GPU: deterministic kernels (--no-deterministic: what cuDNN finds fastest)
-    compile: str = "auto"  # torch.compile the generator's training forward: auto (on for CUDA) | on | off
 
 def time_call(fn, hw, repeats):
     """Seconds per call: 3 untimed calls absorb compilation and cuDNN's search, then `repeats` timed ones."""
@@ -1396,13 +1385,13 @@ def time_call(fn, hw, repeats):
     sync()
     return (time.perf_counter() - t0) / repeats
 
-def train_step(model, loss_fn, hw, compile_it=False):
+def train_step(model, loss_fn, hw):
     """One optimiser step of `model` on fixed data: the loops' update without their bookkeeping."""
     model.to(hw.device, memory_format=torch.channels_last)
-    opt, forward = torch.optim.Adam(model.parameters()), torch.compile(model) if compile_it else model
+    opt = torch.optim.Adam(model.parameters())
     def step():
         with autocast(hw):
-            loss = loss_fn(forward)
+            loss = loss_fn(model)
         opt.zero_grad(set_to_none=True)
         loss.float().backward()
         opt.step()
@@ -1421,11 +1410,10 @@ def bench(cfg):
     z, labels = torch.randn(n_sample, 3, 32, 32, device=dev), torch.arange(n_sample, device=dev) % 100
     inception = fid.FIDInceptionV3().eval().to(dev)  # random weights: the same work as the real ones
     images = torch.randint(0, 256, (n_fid, 3, 32, 32), dtype=torch.uint8)
-    compile_unet = cfg.compile == "on" or (cfg.compile == "auto" and dev.type == "cuda")
     rows = [("classify", f"train step, batch {c.batch_size}", c.steps, 1, train_step(DigitSumNet(c.arch), lambda m:
              F.cross_entropy(m(augment_digits(x, c, -0.42)).float(), y), hw)),
             ("generate", f"train step, batch {g.batch_size}", g.steps, 1,
-             train_step(unet, lambda m: edm_loss(m, xg, yg, g), hw, compile_unet)),
+             train_step(unet, lambda m: edm_loss(m, xg, yg, g), hw)),
             ("gradflow", "VGG_38 train step, batch 100", v.epochs * 475, 1,
              train_step(VGG(38), lambda m: F.cross_entropy(m(xv).float(), yv), hw)),
             ("generate", f"sampler, NFE {nfe(g)}, {n_sample} images", g.fid_samples, n_sample,
@@ -1482,9 +1470,7 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # a second Ctrl-C: no new checkpoint, the last complete one stands
-        kept = (f"the checkpoint at {LAST_CHECKPOINT['path']} (after {LAST_CHECKPOINT['step']:,}) is kept"
-                if LAST_CHECKPOINT else "no checkpoint was written in this call")
-        sys.exit(f"error: aborted by a second Ctrl-C; {kept}")
+        sys.exit("error: aborted by a second Ctrl-C; the last checkpoint written stands (--resume continues it)")
 
 if __name__ == "__main__":
     main()
