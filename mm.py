@@ -260,8 +260,7 @@ def train_classifier(cfg, seed, run_dir, train, scored, hw):
         return run["result"]
     start, curves, eval_model = run["step"], run["curves"], ema if cfg.ema > 0 else model
     background = x_train.min().item()  # the normalised value of an empty pixel
-    subset = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:cfg.eval_train]
-    subset = subset.to(hw.device)
+    subset = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:cfg.eval_train].to(hw.device)
     stop_at, t0 = stop_point(cfg.pause_at, start, cfg.steps), time.time()
     checkpoint = lambda step, result=None: save_checkpoint(ckpt_path, dict(
         command="classify", **states(model=model, ema=ema, opt=opt, scaler=scaler), step=step, seed=seed,
@@ -1098,13 +1097,8 @@ def line_plot(path, lines, title, xlabel, ylabel, size=(975, 600), logy=False, p
     bottom = font.size * 3 + 10 if xlabels is None else max(font.getlength(t) for _, t in xlabels) + font.size * 2 + 20
     ys = [fy(y) for line in lines for y in line.ys + (line.band[0] + line.band[1] if line.band else [])]
     xs = [x for line in lines for x in line.xs]
-    if logy:
-        lo, every = math.floor(min(ys)), max(1, math.ceil((math.ceil(max(ys)) - math.floor(min(ys))) / 8))
-        y_ticks = [lo + i * every for i in range(math.ceil((math.ceil(max(ys)) - lo) / every) + 1)]
-        y_text = lambda v: f"1e{v:d}"
-    else:
-        y_ticks, y_step = nice_ticks(min(ys), max(ys))
-        y_text = lambda v: tick_text(v, y_step)
+    y_ticks, y_step = nice_ticks(min(ys), max(ys), integer=logy)  # log10 y: whole decades
+    y_text = (lambda v: f"1e{round(v)}") if logy else (lambda v: tick_text(v, y_step))
     x_ticks, x_step = ([min(xs), max(max(xs), min(xs) + 1)], 1) if xlabels else \
         nice_ticks(min(xs), max(xs), integer=all(float(x).is_integer() for x in xs))
     x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], max(y_ticks[-1], y_ticks[0] + 1e-12)
@@ -1237,7 +1231,7 @@ def band_line(label, colour, curves, x_key, key):
     mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(len(xs))
     return Line(label, xs, mean.tolist(), colour, ((mean - std).tolist(), (mean + std).tolist()))
 
-def report_classifier(rep, m):
+def report_classifier(rep, m, folder):
     rep.line("Classifier (AddNIST)", heading=True)
     rep.line(penalty_line(m["params"], CLASSIFY_PARAM_LIMIT, m["steps"], CLASSIFY_STEP_LIMIT))
     rep.table(f"Classifier: final figures, mean ± std over {m['runs']} seed(s)", [
@@ -1263,19 +1257,18 @@ def scaling_points(folder):
         raise UserError(f"--scaling {folder}: no sub-folder holds a finished classify run (metrics.json)")
     return points
 
-def report_scaling(rep, points):
+def report_scaling(rep, points, folder):
     """The coursework's scaling questions from complete runs (each with its own schedule): test accuracy
     and the train - test gap against steps (at the commonest width) and against parameters (at the
     commonest step count), seeds pooled per point, log x, the budget limits marked."""
     rep.line("Classifier scaling: steps and parameters", heading=True)
-    penalty = lambda steps, params: (budget_penalty(params, CLASSIFY_PARAM_LIMIT, False) +
-                                     budget_penalty(steps, CLASSIFY_STEP_LIMIT, True))
     rep.table("Complete runs at other budgets: test accuracy and train - test gap, mean ± std over seeds, and "
               "the marks the coursework deducts past a limit", [
         {"steps": f"{steps:,}", "parameters": f"{params:,}", "seeds": len(runs),
          "test acc %": percent(mean_std([r["test_acc"] for r in runs.values()])),
          "gap (points)": percent(mean_std([r["train_acc"] - r["test_acc"] for r in runs.values()])),
-         "penalty": -penalty(steps, params)}
+         "penalty": -(budget_penalty(params, CLASSIFY_PARAM_LIMIT, False) +
+                      budget_penalty(steps, CLASSIFY_STEP_LIMIT, True))}
         for (steps, params), runs in sorted(points.items(), key=lambda p: p[0][::-1])])  # by width, then steps
     for axis, limit in (("steps", CLASSIFY_STEP_LIMIT), ("parameters", CLASSIFY_PARAM_LIMIT)):
         held = 1 if axis == "steps" else 0  # the other coordinate, held at its commonest value
@@ -1291,7 +1284,7 @@ def report_scaling(rep, points):
                           (150, 150, 150)))
         line_plot(os.path.join(rep.out, f"scaling_{axis}.png"), lines, f"AddNIST accuracy against {axis}",
                   f"{axis} (log scale; log10 in the CSV)", "accuracy", percent=True,
-                  xlabels=[(x, f"{v:,}") for x, (v, _) in zip(xs, chosen)])
+                  xlabels=[(x, f"{v:,}") for x, (v, _) in zip(xs, chosen)] + [(math.log10(limit), f"{limit:,}")])
         rep.figure(f"scaling_{axis}.png", f"Train and test accuracy of complete runs against {axis} (mean ± std "
                                           f"over seeds; the gap is the distance between the lines); grey: the limit.")
 
@@ -1345,19 +1338,16 @@ def report(cfg):
              if os.path.isfile(os.path.join(d, "metrics.json"))}
     for command in set(named) - set(found):
         print(f"{command}: {named[command]} has no metrics.json (unfinished, or not a {command} run); left out")
-    points = scaling_points(cfg.scaling) if cfg.scaling else None  # refused before anything is written
-    if not found and not points:
+    if cfg.scaling:
+        found["scaling"] = scaling_points(cfg.scaling)  # refused before anything is written
+    if not found:
         raise UserError("none of the named runs has finished (no metrics.json); nothing to report")
     make_folder(cfg.out)
     rep = Report(cfg.out)
-    if "classify" in found:
-        report_classifier(rep, found["classify"])
-    if "generate" in found:
-        report_generator(rep, found["generate"], cfg.generate)
-    if points:
-        report_scaling(rep, points)
-    if "gradflow" in found:
-        report_depth_study(rep, found["gradflow"], cfg.gradflow)
+    for name, draw in (("classify", report_classifier), ("generate", report_generator),
+                       ("scaling", report_scaling), ("gradflow", report_depth_study)):
+        if name in found:
+            draw(rep, found[name], getattr(cfg, name))
     with open(os.path.join(cfg.out, "report.md"), "w") as f:
         f.write("# Results\n\n" + "\n".join(rep.md))
     with open(os.path.join(cfg.out, "report.tex"), "w") as f:  # \input{report} in a paper
