@@ -6,8 +6,8 @@ fixture files written here in the official formats; nothing here needs ../shared
 """
 import atexit, concurrent.futures, contextlib, copy, hashlib, http.server, io, itertools, json, math, os, pickle
 import shutil, subprocess, sys, tarfile, tempfile, threading, time, traceback, types, zipfile
-
 from dataclasses import replace
+from unittest import mock
 
 import numpy as np, torch
 import torch.nn.functional as F
@@ -127,16 +127,7 @@ def closed_url():
     with http_server({}) as (url, _):
         return url
 
-@contextlib.contextmanager
-def patched(module, **values):
-    old = {k: getattr(module, k) for k in values}
-    for k, v in values.items():
-        setattr(module, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(module, k, v)
+patched = mock.patch.multiple  # patched(module, NAME=value, ...): set for a `with` block, then restored
 
 # Tiny configs of the three commands (each runs in seconds on a CPU)
 
@@ -591,17 +582,8 @@ def test_interrupt_stops_at_the_next_step():
 # ---------------------------------------------------------------------------------------------
 # The run skeleton: a resumed run follows the schedule it started with, and every record tells the truth
 
-@contextlib.contextmanager
-def counting_steps(optimizer_class):
-    """Counts calls of optimizer_class.step: the optimisation steps a run really takes."""
-    counter, original = [0], optimizer_class.step
-
-    def counted(self, *args, **kw):
-        counter[0] += 1
-        return original(self, *args, **kw)
-
-    with patched(optimizer_class, step=counted):
-        yield counter
+def counting_steps(optimizer_class):  # counts calls of optimizer_class.step: the steps a run really takes
+    return mock.patch.object(optimizer_class, "step", autospec=True, side_effect=optimizer_class.step)
 
 def flags_in(msg, field, old, new):
     flag = "--" + field.replace("_", "-")
@@ -685,14 +667,14 @@ def test_pause_at_or_before_the_checkpoint_is_refused_and_steps_are_counted():
                          f"--pause-at {pause}", "step 4")
         assert torch.load(os.path.join(out, "run0", "ckpt.pt"), weights_only=True)["step"] == 4
         m, _ = quiet(mm.classify, tiny_cfg(root, out, steps=8, resume=True))
-    assert taken[0] == 8 and m["steps"] == 8 and m["per_run"][0]["steps"] == 8  # the record is what was trained
+    assert taken.call_count == 8 and m["steps"] == 8 and m["per_run"][0]["steps"] == 8  # the record is what was trained
     assert m["per_run"][0]["curves"]["step"] == [3, 6, 8]
     with tiny_cifar() as croot, counting_steps(torch.optim.Adam) as taken:
         out = tmpdir()
         quiet(mm.generate, tiny_gen_cfg(croot, out, pause_at=3))
         expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(croot, out, pause_at=2, resume=True)), "--pause-at 2")
         g, _ = quiet(mm.generate, tiny_gen_cfg(croot, out, resume=True))
-    assert taken[0] == 6 and g["steps"] == 6 and g["loss_curve"]["step"] == [3, 6]
+    assert taken.call_count == 6 and g["steps"] == 6 and g["loss_curve"]["step"] == [3, 6]
 
 def test_sample_only_reports_the_checkpoint_it_sampled():
     with tiny_cifar() as root:
