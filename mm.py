@@ -260,7 +260,8 @@ def train_classifier(cfg, seed, run_dir, train, scored, hw):
         return run["result"]
     start, curves, eval_model = run["step"], run["curves"], ema if cfg.ema > 0 else model
     background = x_train.min().item()  # the normalised value of an empty pixel
-    subset = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:cfg.eval_train].to(hw.device)
+    subset = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:cfg.eval_train]
+    subset = subset.to(hw.device)  # the same train images at every evaluation
     stop_at, t0 = stop_point(cfg.pause_at, start, cfg.steps), time.time()
     checkpoint = lambda step, result=None: save_checkpoint(ckpt_path, dict(
         command="classify", **states(model=model, ema=ema, opt=opt, scaler=scaler), step=step, seed=seed,
@@ -1231,7 +1232,7 @@ def band_line(label, colour, curves, x_key, key):
     mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(len(xs))
     return Line(label, xs, mean.tolist(), colour, ((mean - std).tolist(), (mean + std).tolist()))
 
-def report_classifier(rep, m, folder):
+def report_classifier(rep, m):
     rep.line("Classifier (AddNIST)", heading=True)
     rep.line(penalty_line(m["params"], CLASSIFY_PARAM_LIMIT, m["steps"], CLASSIFY_STEP_LIMIT))
     rep.table(f"Classifier: final figures, mean ± std over {m['runs']} seed(s)", [
@@ -1257,7 +1258,7 @@ def scaling_points(folder):
         raise UserError(f"--scaling {folder}: no sub-folder holds a finished classify run (metrics.json)")
     return points
 
-def report_scaling(rep, points, folder):
+def report_scaling(rep, points):
     """The coursework's scaling questions from complete runs (each with its own schedule): test accuracy
     and the train - test gap against steps (at the commonest width) and against parameters (at the
     commonest step count), seeds pooled per point, log x, the budget limits marked."""
@@ -1344,10 +1345,12 @@ def report(cfg):
         raise UserError("none of the named runs has finished (no metrics.json); nothing to report")
     make_folder(cfg.out)
     rep = Report(cfg.out)
-    for name, draw in (("classify", report_classifier), ("generate", report_generator),
-                       ("scaling", report_scaling), ("gradflow", report_depth_study)):
+    sections = dict(classify=lambda m: report_classifier(rep, m), scaling=lambda m: report_scaling(rep, m),
+                    generate=lambda m: report_generator(rep, m, cfg.generate),
+                    gradflow=lambda m: report_depth_study(rep, m, cfg.gradflow))
+    for name, draw in sections.items():  # in this order, each section that has a finished run
         if name in found:
-            draw(rep, found[name], getattr(cfg, name))
+            draw(found[name])
     with open(os.path.join(cfg.out, "report.md"), "w") as f:
         f.write("# Results\n\n" + "\n".join(rep.md))
     with open(os.path.join(cfg.out, "report.tex"), "w") as f:  # \input{report} in a paper
