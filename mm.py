@@ -59,10 +59,9 @@ class ClassifyConfig(RunConfig):
     label_smoothing: float = 0.05  # training loss only; reported losses are plain cross-entropy
     train_on: str = "train+valid"  # train+valid (60,000 images) | train (45,000); test is never trained on
     shift: int = 2  # max translation per digit, whole pixels (kept all run)
-    rotate: float = 10.0  # max rotation per digit, degrees (decays with zoom and elastic: see --aug-floor)
+    rotate: float = 10.0  # max rotation per digit, degrees (with zoom and elastic: fades to 0 over the run)
     zoom: float = 0.1  # max relative zoom in or out
     elastic: float = 1.5  # std of a smooth random displacement field, pixels (0 = off)
-    aug_floor: float = 0.0  # rotation, zoom and elastic fall linearly to this fraction of full strength (0: none)
     runs: int = 1  # independent runs with seeds seed, seed+1, ...
     eval_every: int = 500  # steps between evaluations (train subset + full test set)
     eval_train: int = 10_000  # train images scored at each periodic evaluation (all at the end)
@@ -271,9 +270,8 @@ def train_classifier(cfg, seed, run_dir, train, scored, hw):
         seed_step(seed, step)
         lr = set_lr(opt, get_lr(step, cfg, cfg.warmup))
         idx = batch_indices(step, len(x_train), cfg.batch_size, seed, hw.device)
-        # rotation, zoom and elastic fall linearly to the floor: varied digits early, a fitted reader late
-        strength = 1 - (1 - cfg.aug_floor) * step / cfg.steps
-        xb, yb = augment_digits(x_train[idx], cfg, background, strength), y_train[idx]
+        # rotation, zoom and elastic fall linearly to 0: varied digits early, a fitted reader late
+        xb, yb = augment_digits(x_train[idx], cfg, background, 1 - step / cfg.steps), y_train[idx]
         model.train()
         with autocast(hw):
             out = model(xb)
@@ -313,7 +311,7 @@ def train_classifier(cfg, seed, run_dir, train, scored, hw):
 
 def classify(cfg):
     """`python mm.py classify`: train cfg.runs seeds, print a table, write metrics.json, accuracy.png."""
-    check_numbers(cfg, below={"ema": 1, "label_smoothing": 1, "zoom": 1, "aug_floor": 1})
+    check_numbers(cfg, below={"ema": 1, "label_smoothing": 1, "zoom": 1})
     n_params = count_params(DigitSumNet(cfg.arch))
     print(f"classify | digit CNN {cfg.arch}")
     enforce_budget("Number of parameters", n_params, CLASSIFY_PARAM_LIMIT, False, cfg.allow_penalty)

@@ -230,12 +230,12 @@ def test_budgets_refused_unless_penalty_accepted():
         m, out = quiet(mm.classify, tiny_cfg(root, tmpdir(), steps=6, allow_penalty=True))
     assert "-25 marks" in out and m["steps"] == 6, out  # 6 steps is 50 % over 4: 5 x 5
 
-def test_augmentation_decays_linearly_to_its_floor():
+def test_augmentation_decays_linearly_to_nothing():
     seen, real = [], mm.augment_digits
     spy = lambda x, cfg, background, strength: seen.append(strength) or real(x, cfg, background, strength)
     with patched(mm, augment_digits=spy):
-        quiet(mm.classify, tiny_cfg(write_addnist(tmpdir()), tmpdir(), steps=4, aug_floor=0.5))
-    assert seen == [1.0, 0.875, 0.75, 0.625]  # 1 - (1 - floor) step / steps
+        quiet(mm.classify, tiny_cfg(write_addnist(tmpdir()), tmpdir(), steps=4))
+    assert seen == [1.0, 0.75, 0.5, 0.25]  # 1 - step / steps: full strength first, a quarter last
 
 def test_overfits_a_tiny_batch():
     root = write_addnist(tmpdir(), n=(16, 16, 16))
@@ -937,8 +937,7 @@ def test_bad_invocations_get_one_line_and_touch_nothing():
     c = ["classify", "--data-dir", addnist, "--batch-size", "8"]  # the tiny sets hold fewer images than a batch
     g, v = ["generate", "--data-dir", cifar], ["gradflow", "--data-dir", cifar]
     bad_values = [(c, "--arch 32,X|--arch M,M,M,M,M,M|--steps 0|--batch-size 4096|--lr fast|--lr -1|--pause-at -3|"
-                      "--eval-train 0|--eval-train -5|--shift -2|--ema 1.5|--ema -0.5|--warmup -10|--zoom 5|"
-                      "--aug-floor 1"),
+                      "--eval-train 0|--eval-train -5|--shift -2|--ema 1.5|--ema -0.5|--warmup -10|--zoom 5"),
                   (g, "--widths 0,0,0|--widths a,b,c|--blocks 0|--emb-dim 0|--p-uncond 5|--sigma-data 0|"
                       "--fid-samples 0|--dropout 2|--ema 0.5|--warmup 1000"), (v, "--depth 9")]
     tiny_classify = ["--arch", "8,M,16", "--steps", "6", "--batch-size", "8", "--warmup", "2", "--eval-train", "32"]
