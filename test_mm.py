@@ -878,6 +878,7 @@ def test_scaling_report_pools_seeds_per_point_and_draws_both_axes():
         assert os.path.getsize(os.path.join(out, f"scaling_{axis}.png")) > 1000 and len(lines) == 2 + 2 + 2
         if xs:  # log10 of each step count, then the budget limit's
             assert [round(10 ** float(l.split(",")[1])) for l in lines] == [4, 6, 4, 6, 10_000, 10_000]
+            assert lines[-1].startswith("limit 10000,")  # named in the legend, not over a point's tick
 
 def test_mean_band_uses_the_steps_every_run_has():
     curves = [{"step": [10, 20, 30], "acc": [0.1, 0.2, 0.3]}, {"step": [10, 30], "acc": [0.3, 0.5]}]
