@@ -12,7 +12,7 @@
 Reading order: configs and budgets -> classifier -> diffusion (EDM) -> depth study -> the run
 plumbing the three loops share -> figures -> report -> bench -> command line.
 """
-import argparse, contextlib, copy, functools, glob, inspect, json, math, os, re, signal, sys, time
+import argparse, contextlib, copy, csv, functools, glob, inspect, json, math, os, re, signal, sys, time
 from collections import OrderedDict, namedtuple
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -1132,11 +1132,12 @@ def line_plot(path, lines, title, xlabel, ylabel, size=(975, 600), logy=False, p
     d.text(((left + W - right) / 2, H - font.size - 6), xlabel, fill="black", font=font, anchor="ma")
     d.text((8, font.size + 10), ylabel + (" (%)" if percent else ""), fill="black", font=font, anchor="la")
     img.save(path, dpi=(300, 300))
-    with open(os.path.splitext(path)[0] + ".csv", "w") as f:  # the numbers behind the figure
-        f.write("label,x,y,band_low,band_high\n")
+    with open(os.path.splitext(path)[0] + ".csv", "w", newline="") as f:  # the numbers behind the figure
+        rows = csv.writer(f, lineterminator="\n")  # quotes a label with a comma ("train, seed 0")
+        rows.writerow(["label", "x", "y", "band_low", "band_high"])
         for line in lines:
             lows, highs = line.band or ([""] * len(line.xs),) * 2
-            f.writelines(f"{line.label},{x},{y},{lo},{hi}\n" for x, y, lo, hi in zip(line.xs, line.ys, lows, highs))
+            rows.writerows(zip([line.label] * len(line.xs), line.xs, line.ys, lows, highs))
 
 GRID_TITLE = 24  # pixels of the title bar above an image grid
 

@@ -4,7 +4,7 @@ Offline, CPU only, seeded. Each test checks our code against a reference, a clos
 that a wrong program breaks. Downloads are tested against a local HTTP server on 127.0.0.1 that serves
 fixture files written here in the official formats; nothing here needs ../shared or the internet.
 """
-import atexit, concurrent.futures, contextlib, copy, hashlib, http.server, io, itertools, json, math, os, pickle
+import atexit, concurrent.futures, contextlib, copy, csv, hashlib, http.server, io, itertools, json, math, os, pickle
 import shutil, subprocess, sys, tarfile, tempfile, threading, time, traceback, types, zipfile
 from dataclasses import replace
 from unittest import mock
@@ -268,6 +268,7 @@ def test_seeded_runs_repeat_and_seed_k_of_many_equals_seed_k_alone():
     assert img.size == (975, 600) and len(img.getcolors(1 << 16)) > 3  # a 3.25-inch column at 300 dpi
     rows = open(os.path.join(out, "accuracy.csv")).read().splitlines()  # the numbers behind the figure
     assert rows[0] == "label,x,y,band_low,band_high" and len(rows) == 1 + 2 * 2 * 2  # 2 runs x train/test x 2 evals
+    assert all(len(r) == 5 for r in csv.reader(rows)) and rows[1].startswith('"train, seed 0",3,')  # quoted
 
 def test_classify_resume_is_exact():
     root = write_addnist(tmpdir())
