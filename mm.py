@@ -88,7 +88,11 @@ class GenerateConfig(RunConfig):
     p_uncond: float = 0.1  # probability of dropping the class label (trains the unconditional model too)
     flip: bool = True  # random horizontal flips (right for CIFAR; --no-flip for the digit stand-in)
     sampler_steps: int = 18  # Heun steps (NFE = 2 steps - 1, doubled when guidance != 1)
-    guidance: float = 3.0  # classifier-free guidance scale w (1 = plain conditional, half the evaluations)
+    guidance: float = 3.0  # guidance scale w (1 = plain conditional, half the evaluations)
+    guide_min: float = 0.0  # guidance acts only at noise levels σ in (guide_min, guide_max]; w = 1 elsewhere
+    guide_max: float = 80.0  # upper end of the guidance interval (80 = σ_max: guided from the start)
+    autoguide: float = 0.0  # guide with the EMA as it was at this fraction of the run, not the unconditional model (0 = off)
+    churn: float = 0.0  # S_churn of EDM's stochastic sampler (Alg. 2), noise added at σ in [0.05, 50] (0 = deterministic)
     fid_samples: int = 10_000  # samples drawn for FID and samples.npz (at least the grid's 64)
     sample_batch: int = 1000  # samples per sampler call
 
@@ -116,7 +120,7 @@ POSITIVE = {"steps", "epochs", "batch_size", "lr", "runs", "eval_every", "eval_t
 # with the values it was trained with.
 RESUME_FREE = {"data_dir", "out", "allow_penalty", "runs", "compare", "eval_every", "log_every", "device",
                "precision", "deterministic", "resume", "sample_only", "pause_at", "ckpt",
-               "sampler_steps", "guidance", "fid_samples", "sample_batch"}
+               "sampler_steps", "guidance", "guide_min", "guide_max", "churn", "fid_samples", "sample_batch"}
 
 def check_numbers(cfg, below=None):
     """Before any work, one line for the first number out of range: those in POSITIVE must be positive,
@@ -475,23 +479,44 @@ def edm_loss(net, x, labels, cfg):
     denoised = net(noisy, sigma, net.class_embed(labels))
     return (weight[:, None, None, None] * (denoised.float() - x) ** 2).mean()
 
+S_TMIN, S_TMAX, S_NOISE = 0.05, 50.0, 1.003  # where and how much EDM's stochastic sampler adds noise (Table 5)
+
+def sampler_schedule(cfg):
+    """[(σ̂_i, σ_{i+1})] of EDM Algorithm 2: each step first raises σ_i to σ̂_i = (1 + γ_i) σ_i, γ_i =
+    min(S_churn / N, √2 - 1) inside [S_tmin, S_tmax] (0 elsewhere, and always with churn 0: Algorithm 1)."""
+    sigmas = edm_sigmas(cfg.sampler_steps).tolist()
+    gamma = lambda s: min(cfg.churn / cfg.sampler_steps, 2 ** 0.5 - 1) if S_TMIN <= s <= S_TMAX else 0.0
+    return [(s * (1 + gamma(s)), s_next) for s, s_next in zip(sigmas[:-1], sigmas[1:])]
+
+def guided(cfg, sigma):
+    """Guidance acts in (guide_min, guide_max] only (Kynkäänniemi et al. 2024): plain conditional elsewhere."""
+    return cfg.guidance != 1 and cfg.guide_min < sigma <= cfg.guide_max
+
 @torch.no_grad()
-def edm_heun_sampler(net, z, class_emb, steps, guidance=1.0, hw=None):
-    """EDM Algorithm 1 (deterministic, S_churn = 0): Heun's method on the probability-flow ODE
-    dx/dσ = (x - D(x; σ))/σ from σ_0 = 80 to 0. z (B, 3, 32, 32) ~ N(0, I); NFE = 2 steps - 1 (twice that
-    guided). Classifier-free guidance (Ho & Salimans 2022) denoises with D_u + w (D_c - D_u); w = 1 is
-    the plain conditional model. hw: the precision the network runs in (None: float32 on z's device)."""
+def edm_sampler(net, z, class_emb, cfg, hw=None, guide=None, noise=None):
+    """EDM Algorithm 2: Heun's method on the probability-flow ODE dx/dσ = (x - D(x; σ))/σ from σ_0 = 80 to
+    0, each step after adding noise to reach σ̂ (churn; none by default: Algorithm 1). z (B, 3, 32, 32) ~
+    N(0, I); NFE in nfe(). Guidance denoises with D_g + w (D_c - D_g), where D_g is the unconditional model
+    (classifier-free, Ho & Salimans 2022) or, given `guide`, a weaker network's conditional one
+    (autoguidance, Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"). hw: the
+    precision the network runs in (None: float32 on z's device); noise: a torch.Generator for the churn."""
     hw, null = hw or Hardware(z.device, "fp32"), net.class_embed(torch.full((len(z),), net.n_classes, device=z.device))
     def denoise(x, sigma):  # float64 (B, 3, 32, 32) -> float64 D(x; σ)
         s, x = torch.full((len(x),), sigma, device=x.device, dtype=torch.float32), x.float()
         with autocast(hw):
-            if guidance == 1:
+            if not guided(cfg, sigma):
                 return net(x, s, class_emb).double()
-            cond, uncond = net(torch.cat([x, x]), torch.cat([s, s]), torch.cat([class_emb, null])).float().chunk(2)
-        return (uncond + guidance * (cond - uncond)).double()
-    sigmas = edm_sigmas(steps).tolist()
+            if guide is None:
+                cond, weak = net(torch.cat([x, x]), torch.cat([s, s]), torch.cat([class_emb, null])).float().chunk(2)
+            else:
+                cond, weak = net(x, s, class_emb).float(), guide(x, s, class_emb).float()
+        return (weak + cfg.guidance * (cond - weak)).double()
+    sigmas = edm_sigmas(cfg.sampler_steps).tolist()
     x = z.double() * sigmas[0]  # a float64 state: the solver's update stays exact however the net runs
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+    for s, (s_hat, s_next) in zip(sigmas, sampler_schedule(cfg)):
+        if s_hat > s:  # churn: x̂ = x + sqrt(σ̂² - σ²) S_noise ε
+            eps = torch.randn(x.shape, generator=noise, dtype=torch.float64).to(x.device)
+            x, s = x + (s_hat ** 2 - s ** 2) ** 0.5 * S_NOISE * eps, s_hat
         d = (x - denoise(x, s)) / s
         x_next = x + (s_next - s) * d  # Euler step
         if s_next > 0:  # second-order correction (Heun), skipped on the last step to σ = 0
@@ -500,8 +525,8 @@ def edm_heun_sampler(net, z, class_emb, steps, guidance=1.0, hw=None):
     return x.float()
 
 def nfe(cfg):
-    """Network evaluations per sample: Heun's 2 per step but the last, two passes each when guided."""
-    return (2 * cfg.sampler_steps - 1) * (1 if cfg.guidance == 1 else 2)
+    """Network evaluations per sample: Heun's 2 per step but the last, two where guidance acts."""
+    return sum(1 + guided(cfg, s_hat) + (s_next > 0) * (1 + guided(cfg, s_next)) for s_hat, s_next in sampler_schedule(cfg))
 
 def to_uint8(x):
     """[-1, 1] floats -> uint8 images, as saved and as FID sees them."""
@@ -513,11 +538,13 @@ def slerp(a, b, t):
     return (1 - t) * a + t * b if omega.abs() < 1e-6 else \
         (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
 
-def train_generator(cfg, net, ema, opt, scaler, x_train, y_train, hw, ckpt_path, run):
-    """The budgeted loop from run["step"]; returns the run record at the end (None when paused)."""
+def train_generator(cfg, objects, x_train, y_train, hw, ckpt_path, run):
+    """The budgeted loop from run["step"]; returns the run record at the end (None when paused).
+    objects: the model, its EMA, the optimiser, the scaler and, with --autoguide, the guide."""
+    net, ema, opt, scaler, guide = (objects.get(k) for k in ("model", "ema", "opt", "scaler", "guide"))
     curve, stop_at, t0 = run["curve"], stop_point(cfg.pause_at, run["step"], cfg.steps), time.time()
     checkpoint = lambda step: save_checkpoint(ckpt_path, dict(
-        command="generate", **states(model=net, ema=ema, opt=opt, scaler=scaler), step=step,
+        command="generate", **states(**objects), step=step,
         config=asdict(cfg), curve=curve, seconds=run["seconds"] + time.time() - t0))
     since, loss_sum = (run["step"], t0), torch.zeros((), device=hw.device)  # summed: no sync per step
     for step in range(run["step"], stop_at):
@@ -539,6 +566,8 @@ def train_generator(cfg, net, ema, opt, scaler, x_train, y_train, hw, ckpt_path,
         ema_update(ema, net, power_ema_decay(cfg.ema, step))
         loss_sum += loss.detach()
         done = step + 1
+        if guide is not None and done == max(1, round(cfg.autoguide * cfg.steps)):  # the guide: the EMA so far
+            guide.load_state_dict(ema.state_dict())
         if done % cfg.log_every == 0 or done == stop_at:
             curve["step"].append(done)
             curve["loss"].append(loss_sum.item() / (done - since[0]))
@@ -548,7 +577,7 @@ def train_generator(cfg, net, ema, opt, scaler, x_train, y_train, hw, ckpt_path,
             loss_sum.zero_()
         if done % max(1, cfg.steps // 10) == 0 and done < cfg.steps:  # a grid to watch the run by
             checkpoint(done)  # first: a Ctrl-C while the grid is drawn keeps these steps
-            grid = sample_images(ema.eval(), torch.arange(64) % 100, cfg, hw, cfg.seed)
+            grid = sample_images(ema.eval(), torch.arange(64) % 100, cfg, hw, cfg.seed, guide)
             save_grid(os.path.join(cfg.out, "progress.png"), grid, 8, f"EMA samples after {done:,} steps")
             since = (done, time.time())
         if STOP:
@@ -559,13 +588,13 @@ def train_generator(cfg, net, ema, opt, scaler, x_train, y_train, hw, ckpt_path,
         return paused(stop_at, cfg)
     return dict(step=stop_at, curve=curve, seconds=run["seconds"] + time.time() - t0)
 
-def sample_images(net, labels, cfg, hw, seed):
+def sample_images(net, labels, cfg, hw, seed, guide=None):
     """Samples for the given class labels from fresh noise z (seeded): (N,) -> uint8 (N, 3, 32, 32)."""
     g, out, t0 = torch.Generator().manual_seed(seed), [], time.time()
     for i in range(0, len(labels), cfg.sample_batch):
         lab = labels[i:i + cfg.sample_batch].to(hw.device)
         z = torch.randn(len(lab), 3, 32, 32, generator=g).to(hw.device)
-        out.append(to_uint8(edm_heun_sampler(net, z, net.class_embed(lab), cfg.sampler_steps, cfg.guidance, hw)).cpu())
+        out.append(to_uint8(edm_sampler(net, z, net.class_embed(lab), cfg, hw, guide, noise=g)).cpu())
         done, rate = i + len(lab), (i + len(lab)) / (time.time() - t0)
         print(f"sampling {done}/{len(labels)} | {rate:.1f} img/s | eta {fmt_time((len(labels) - done) / rate)}",
               file=sys.stderr, flush=True)
@@ -574,9 +603,9 @@ def sample_images(net, labels, cfg, hw, seed):
                             "training, --sample-only draws the samples again")
     return torch.cat(out)
 
-def interpolations(net, cfg, hw, seed, pairs=8, frames=10):
-    """Per pair: slerp the noise, lerp the class embedding, run the deterministic sampler. Frames 0 and
-    -1 are exactly the two endpoint samples.  -> uint8 (pairs * frames, 3, 32, 32), the two classes"""
+def interpolations(net, cfg, hw, seed, guide=None, pairs=8, frames=10):
+    """Per pair: slerp the noise, lerp the class embedding, run the deterministic sampler (no churn). Frames
+    0 and -1 are exactly the two endpoint samples.  -> uint8 (pairs * frames, 3, 32, 32), the two classes"""
     g = torch.Generator().manual_seed(seed + 1)
     za, zb = torch.randn(pairs, 3, 32, 32, generator=g), torch.randn(pairs, 3, 32, 32, generator=g)
     la, lb = (torch.randint(0, net.n_classes, (pairs,), generator=g) for _ in range(2))
@@ -584,7 +613,7 @@ def interpolations(net, cfg, hw, seed, pairs=8, frames=10):
     ts = torch.linspace(0, 1, frames).tolist()
     z = torch.stack([slerp(za[p], zb[p], t) for p in range(pairs) for t in ts]).to(hw.device)
     emb = torch.stack([(1 - t) * ea[p] + t * eb[p] for p in range(pairs) for t in ts])
-    return to_uint8(edm_heun_sampler(net, z, emb, cfg.sampler_steps, cfg.guidance, hw)).cpu(), (la, lb)
+    return to_uint8(edm_sampler(net, z, emb, replace(cfg, churn=0.0), hw, guide)).cpu(), (la, lb)
 
 def generate(cfg):
     """`python mm.py generate`: set up (fresh, or from the checkpoint) -> train -> samples and figures ->
@@ -606,25 +635,28 @@ def generate(cfg):
     net = make_unet(cfg).to(hw.device, memory_format=torch.channels_last)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), fused=hw.device.type == "cuda")
-    scaler = grad_scaler(hw)
+    objects = dict(model=net, ema=ema, opt=opt, scaler=grad_scaler(hw))
+    if cfg.autoguide:  # the guide: a frozen copy of the EMA, taken at that fraction of the run
+        objects["guide"] = copy.deepcopy(ema).eval()
+    guide = objects.get("guide")
     run = resume_from(ckpt_path, "generate", cfg, dict(step=0, curve={"step": [], "loss": []}, seconds=0.0),
-                      model=net, ema=ema, opt=opt, scaler=scaler)
+                      **objects)
     train = [torch.from_numpy(a).to(hw.device) for a in data.load_split("cifar100", "train", cfg.data_dir or None)]
     start_record(cfg, len(train[0]), cfg.resume or cfg.sample_only)
     if not cfg.sample_only:
         print(f"> Work per step: {cfg.batch_size} images; {cfg.steps * cfg.batch_size:,} images seen; "
               f"CIFAR-100 train {tuple(train[0].shape)}")
-        run = train_generator(cfg, net, ema, opt, scaler, *train, hw, ckpt_path, run)
+        run = train_generator(cfg, objects, *train, hw, ckpt_path, run)
         if run is None:  # paused
             return None
     labels, t0 = torch.arange(max(cfg.fid_samples, 64)) % 100, time.time()  # classes cycled
-    images = sample_images(ema.eval(), labels, cfg, hw, cfg.seed)  # (N, 3, 32, 32) uint8
+    images = sample_images(ema.eval(), labels, cfg, hw, cfg.seed, guide)  # (N, 3, 32, 32) uint8
     sample_seconds, out = time.time() - t0, lambda name: os.path.join(cfg.out, name)
     save_grid(out("samples.png"), images[:64], 8, "the first 64 samples (classes 0..63)")
     np.savez(out("samples.npz"), images=images.numpy(), labels=labels.numpy())
-    frames, classes = interpolations(ema, cfg, hw, cfg.seed)
+    frames, classes = interpolations(ema, cfg, hw, cfg.seed, guide)
     save_grid(out("interpolations.png"), frames, 10, "8 pairs: slerp of noise, lerp of class")
-    metrics = dict(params=n_params, steps=run["step"], sampler="EDM Heun (Karras et al. 2022, Alg. 1)",
+    metrics = dict(params=n_params, steps=run["step"], sampler=f"EDM Heun (Karras et al. 2022, Alg. {1 + (cfg.churn > 0)})",
                    sampler_steps=cfg.sampler_steps, nfe=nfe(cfg), guidance=cfg.guidance, fid_samples=len(images),
                    sample_seconds=sample_seconds, interpolation_classes=[c.tolist() for c in classes],
                    loss_curve=run["curve"], train_seconds=run["seconds"], checkpoint=ckpt_path,
@@ -1411,7 +1443,7 @@ def bench(cfg):
             ("gradflow", "VGG_38 train step, batch 100", v.epochs * 475, 1,
              train_step(VGG(38), lambda m: F.cross_entropy(m(xv).float(), yv), hw)),
             ("generate", f"sampler, NFE {nfe(g)}, {n_sample} images", g.fid_samples, n_sample,
-             lambda: edm_heun_sampler(unet.eval(), z, unet.class_embed(labels), g.sampler_steps, g.guidance, hw)),
+             lambda: edm_sampler(unet.eval(), z, unet.class_embed(labels), g, hw)),
             ("fid", f"Inception features, {n_fid} images", 2 * g.fid_samples, n_fid,
              lambda: fid.inception_features(images, inception, quiet=True))]
     rows = [dict(command=command, what=what, count=count,

@@ -370,12 +370,42 @@ def test_heun_sampler_solves_the_ode():
     z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     emb = net.class_embed(torch.zeros(2, dtype=torch.long))
     exact = z * 80 * sd / math.sqrt(80 ** 2 + sd ** 2)
-    err = {n: ((mm.edm_heun_sampler(net, z, emb, steps=n) - exact).abs().max() / exact.abs().max()).item()
+    plain = lambda n: mm.GenerateConfig(sampler_steps=n, guidance=1.0)
+    err = {n: ((mm.edm_sampler(net, z, emb, plain(n)) - exact).abs().max() / exact.abs().max()).item()
            for n in (18, 100, 200)}
     assert err[200] < 1e-3 and err[18] < 0.1, err
     assert 3.0 < err[100] / err[200] < 5.0, err  # doubling the steps divides the error by ~4: second order (Heun)
     print(f"OK Heun sampler vs exact ODE solution (rel err {err[18]:.1e} at 18 steps, {err[200]:.1e} at 200, "
           f"order {math.log2(err[100] / err[200]):.2f})")
+
+class ClassShift(GaussianDenoiser):
+    """The Gaussian denoiser pulled towards its class embedding's mean, counting the rows it denoises."""
+    rows = 0
+
+    def forward(self, x, sigma, emb):
+        ClassShift.rows += len(x)
+        return super().forward(x, sigma, emb) + emb.mean(1)[:, None, None, None] / (1 + sigma[:, None, None, None])
+
+def test_guidance_interval_autoguidance_and_churn():
+    net, z = ClassShift(), torch.randn(512, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    emb = net.class_embed(torch.arange(512) % 100)
+    cfg = mm.GenerateConfig(sampler_steps=6, guidance=3.0)
+    run = lambda c, **kw: mm.edm_sampler(net, z, emb, c, **kw)
+    plain, guided = run(replace(cfg, guidance=1.0)), run(cfg)
+    assert (guided - plain).abs().max() > 0.01  # guidance moves the samples
+    # an interval that holds no noise level of the schedule guides nothing; a guide equal to the model neither
+    assert torch.allclose(run(replace(cfg, guide_min=81.0)), plain, atol=1e-6)
+    assert torch.allclose(run(cfg, guide=net), plain, atol=1e-6)
+    for c in (cfg, replace(cfg, guidance=1.0), replace(cfg, guide_min=0.3, guide_max=5.0), replace(cfg, churn=40.0)):
+        ClassShift.rows = 0
+        run(c, noise=torch.Generator().manual_seed(1))
+        assert ClassShift.rows == mm.nfe(c) * len(z), (c, ClassShift.rows, mm.nfe(c))  # NFE as recorded
+    # churn (EDM Alg. 2) adds noise and lets the denoiser remove it: unguided, Gaussian data keep their std
+    gauss = lambda churn: mm.edm_sampler(GaussianDenoiser(), z, emb, replace(cfg, guidance=1.0, churn=churn,
+                                                                              sampler_steps=40), noise=torch.Generator().manual_seed(1))
+    x = gauss(40.0)
+    assert abs(x.std() - 0.5) < 0.03 and (x - gauss(0.0)).abs().mean() > 0.1, x.std()
+    assert mm.nfe(replace(cfg, guide_min=0.3, guide_max=5.0)) < mm.nfe(cfg) == 2 * (2 * 6 - 1)
 
 TRAINED = {}  # a tiny generator run shared by the tests that only read its outputs
 
@@ -443,8 +473,7 @@ def test_interpolation_end_frames_are_the_samples():
     frames, (la, lb) = mm.interpolations(net, cfg, HW, seed=3, pairs=2, frames=5)
     g = torch.Generator().manual_seed(4)  # the same draws as interpolations(seed=3)
     za, zb = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
-    sample = lambda z, label: mm.to_uint8(mm.edm_heun_sampler(net, z, net.class_embed(label), cfg.sampler_steps,
-                                                              cfg.guidance))
+    sample = lambda z, label: mm.to_uint8(mm.edm_sampler(net, z, net.class_embed(label), cfg))
     for p in range(2):
         a, b = sample(za[p:p + 1], la[p:p + 1]), sample(zb[p:p + 1], lb[p:p + 1])
         assert (frames[5 * p].int() - a[0].int()).abs().max() <= 1  # <= 1 level: batch-size rounding only
@@ -490,8 +519,8 @@ def test_generator_flips_only_when_asked():
         opt = torch.optim.Adam(net.parameters())
         with patched(mm, edm_loss=lambda net, xb, labels, cfg: seen.append((xb, labels))
                      or sum(p.sum() * 0 for p in net.parameters())):  # records the batch; zero loss
-            quiet(mm.train_generator, cfg, net, copy.deepcopy(net), opt, mm.grad_scaler(HW), x, y, HW,
-                  os.path.join(cfg.out, "ckpt.pt"), dict(step=0, curve={"step": [], "loss": []}, seconds=0.0))
+            quiet(mm.train_generator, cfg, dict(model=net, ema=copy.deepcopy(net), opt=opt, scaler=mm.grad_scaler(HW)),
+                  x, y, HW, os.path.join(cfg.out, "ckpt.pt"), dict(step=0, curve={"step": [], "loss": []}, seconds=0.0))
         for xb, labels in seen:
             original = x[labels].float() / 127.5 - 1  # each row's source image (labels are unique here)
             mirrored = (xb == original.flip(3)).flatten(1).all(1)
@@ -721,7 +750,7 @@ def one_step_of_each(hw):
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
     scaler.step(opt)
     emb = net.class_embed(yg[:2])
-    out["sampler"] = mm.edm_heun_sampler(net.eval(), torch.randn(2, 3, 32, 32, device=dev), emb, 2, 2.0, hw)
+    out["sampler"] = mm.edm_sampler(net.eval(), torch.randn(2, 3, 32, 32, device=dev), emb, g, hw)
     vgg = mm.VGG(8, bn=True, residual=True).to(dev, memory_format=torch.channels_last)
     opt = torch.optim.Adam(vgg.parameters())
     with mm.autocast(hw):
