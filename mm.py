@@ -9,8 +9,8 @@
     python mm.py bench                 # ms per training step, sampler and Inception img/s here
     python mm.py COMMAND --help        # every knob of a command, with its default
 
-Reading order: configs and budgets -> classifier -> diffusion (EDM) -> depth study -> the run
-plumbing the three loops share -> figures -> report -> bench -> command line.
+Reading order: budgets -> classifier -> diffusion (EDM) -> depth study, each opening with its config ->
+the run plumbing the three loops share -> figures -> report -> bench -> command line.
 """
 import argparse, contextlib, copy, csv, functools, glob, inspect, json, math, os, re, signal, sys, time
 from collections import OrderedDict, namedtuple
@@ -27,7 +27,7 @@ import fid
 from data import OneLineParser, UserError, fmt_time
 
 # ---------------------------------------------------------------------------------------------
-# Configs and budgets: one dataclass per command; each field's trailing comment is its --help text
+# Budgets (the coursework rules) and the fields the three training commands share
 
 CLASSIFY_PARAM_LIMIT = 100_000  # classifier: fewer than this many parameters (coursework rule)
 CLASSIFY_STEP_LIMIT = 10_000  # classifier: at most this many optimisation steps (coursework rule)
@@ -44,6 +44,9 @@ class RunConfig:  # the fields the three training commands share
     deterministic: bool = True  # GPU: deterministic kernels, so seeded runs repeat (--no-deterministic: faster)
     resume: bool = False  # continue the run(s) checkpointed in --out instead of refusing to overwrite them
     pause_at: int = 0  # stop cleanly (checkpointed) after this many steps (gradflow: epochs); 0 = run to the end
+
+# ---------------------------------------------------------------------------------------------
+# Classifier: one digit CNN shared by the three channels; the sum's distribution is their convolution
 
 @dataclass
 class ClassifyConfig(RunConfig):
@@ -67,101 +70,19 @@ class ClassifyConfig(RunConfig):
     eval_train: int = 10_000  # train images scored at each periodic evaluation (all at the end)
     tta: bool = True  # final figures average the image and its 4 one-pixel shifts (no params, no steps)
 
-@dataclass
-class GenerateConfig(RunConfig):
-    out: str = "runs/generate"  # results folder: samples, interpolations, neighbours, metrics, checkpoint
-    ckpt: str = ""  # checkpoint to load (empty: OUT/ckpt.pt)
-    steps: int = 50_000  # optimisation steps (budget: at most 50,000)
-    allow_penalty: bool = False  # train over a budget anyway and print the coursework penalty
-    sample_only: bool = False  # skip training: regenerate every output from --ckpt (or OUT/ckpt.pt)
-    widths: str = "32,64,80"  # U-Net channels at 32, 16 and 8 pixels, multiples of 8 (997,123 parameters)
-    blocks: int = 1  # residual blocks per level, down and up
-    emb_dim: int = 128  # width of the noise-level + class embedding (a multiple of 4)
-    dropout: float = 0.0  # dropout inside residual blocks
-    batch_size: int = 256  # images per step
-    lr: float = 4e-3  # peak Adam learning rate
-    warmup: float = 0.02  # linear warm-up over this fraction of --steps, then cosine decay to 0
-    ema: float = 0.04  # length of the power-function weight average samples come from, as σ_rel (0 = off)
-    sigma_data: float = 0.5  # standard deviation of the data, for the preconditioning
-    p_mean: float = -0.4  # mean of ln σ during training
-    p_std: float = 1.4  # standard deviation of ln σ during training
-    p_uncond: float = 0.1  # probability of dropping the class label (trains the unconditional model too)
-    flip: bool = True  # random horizontal flips (right for CIFAR; --no-flip for the digit stand-in)
-    sampler_steps: int = 18  # Heun steps (NFE = 2 steps - 1, doubled when guidance != 1)
-    guidance: float = 3.0  # guidance scale w (1 = plain conditional, half the evaluations)
-    guide_min: float = 0.0  # guidance acts only at noise levels σ in (guide_min, guide_max]; w = 1 elsewhere
-    guide_max: float = 80.0  # upper end of the guidance interval (80 = σ_max: guided from the start)
-    autoguide: float = 0.0  # guide with the EMA as it was at this fraction of the run, not the unconditional model (0 = off)
-    churn: float = 0.0  # S_churn of EDM's stochastic sampler (Alg. 2), noise added at σ in [0.05, 50] (0 = deterministic)
-    fid_samples: int = 10_000  # samples drawn for FID and samples.npz (at least the grid's 64)
-    sample_batch: int = 1000  # samples per sampler call
-
-@dataclass
-class GradflowConfig(RunConfig):
-    out: str = "runs/gradflow"  # results folder: a sub-folder per configuration and seed, metrics.json
-    depth: int = 38  # 8 (0 processing blocks per stage) or 38 (5 per stage); 3 stages of 32 filters
-    bn: bool = False  # BatchNorm after every conv, before its activation
-    residual: bool = False  # identity skip around every processing block (He et al. 2016)
-    compare: bool = False  # run the five reference configurations in turn, then the comparison table
-    epochs: int = 100  # passes over the 47,500 training images
-    batch_size: int = 100  # images per step
-    lr: float = 1e-3  # Adam learning rate at the start; cosine annealing per epoch down to min_lr
-    min_lr: float = 2e-5  # cosine floor: min_lr + (lr - min_lr)(1 + cos(pi e / epochs)) / 2
-    val_size: int = 2_500  # training images held out for validation (seeded permutation)
-    runs: int = 1  # independent runs with seeds seed, seed+1, ...
-
-CHOICES = {"train_on": ("train", "train+valid"), "depth": (8, 38),
-           "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16")}
-POSITIVE = {"steps", "epochs", "batch_size", "lr", "runs", "eval_every", "eval_train", "log_every",
-            "blocks", "emb_dim", "sigma_data", "p_std", "sampler_steps", "fid_samples", "sample_batch",
-            "val_size", "repeats"}  # every other number (but p_mean, a log) must not be negative
-# What a --resume may change: where files go, how often to print, hardware, and generate's sampling
-# (it acts after training). Every other field shapes the trajectory: a checkpoint continues only
-# with the values it was trained with.
-RESUME_FREE = {"data_dir", "out", "allow_penalty", "runs", "compare", "eval_every", "log_every", "device",
-               "precision", "deterministic", "resume", "sample_only", "pause_at", "ckpt",
-               "sampler_steps", "guidance", "guide_min", "guide_max", "churn", "fid_samples", "sample_batch"}
-
-def check_numbers(cfg, below=None):
-    """Before any work, one line for the first number out of range: those in POSITIVE must be positive,
-    the others not negative, and those in `below` ({name: bound}) under their bound."""
-    below = below or {}
-    for name, value in asdict(cfg).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if name in below and not 0 <= value < below[name]:
-            raise UserError(f"--{name.replace('_', '-')} must lie in [0, {below[name]}), got {value}")
-        if (value < 0 and name != "p_mean") or (name in POSITIVE and value == 0) or (name == "seed" and value > 1e9):
-            rule = "positive" if name in POSITIVE else "at most 1e9" if name == "seed" else "at least 0"
-            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
-
-def budget_penalty(value, limit, inclusive):
-    """Coursework penalty in marks: 5 for every 10 % (or part of it) over the limit (at it, if strict)."""
-    over = value - limit
-    if over < 0 or (over == 0 and inclusive):
-        return 0
-    return 5 * max(1, -(-over * 10 // limit))  # ceil(over / (10 % of limit)), in integers
-
-def enforce_budget(name, value, limit, inclusive, allow_penalty):
-    """Print the count against its limit; refuse it when over unless the user accepts the penalty."""
-    rule = f"at most {limit:,}" if inclusive else f"under {limit:,}"
-    print(f"> {name} {value} (budget: {rule})")
-    penalty = budget_penalty(value, limit, inclusive)
-    if penalty and not allow_penalty:
-        raise UserError(f"{name.lower()} {value:,} breaks the budget ({rule}); reduce it, or pass "
-                        f"--allow-penalty to accept the coursework penalty of -{penalty} marks")
-    if penalty:
-        print(f"! over budget: {name.lower()} {value:,} costs -{penalty} marks under the coursework rules")
-
-def count_params(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-# ---------------------------------------------------------------------------------------------
-# Classifier: one digit CNN shared by the three channels; the sum's distribution is their convolution
+class DigitSumNet(nn.Module):
+    """One digit network shared by the three channels; outputs log P(sum) over the 20 AddNIST classes."""
+    def __init__(self, arch):
+        super().__init__()
+        self.digit = conv_trunk(arch)
+        self.register_buffer("sum_mask", SUM_MASK.clone(), persistent=False)  # follows .to(), not saved
+    def forward(self, x):  # (B, 3, 28, 28) -> (B, 20)
+        logits = self.digit(x.reshape(-1, 1, *x.shape[2:]))  # every digit through the same weights
+        return sum_log_probs(logits.view(len(x), 3, 10), self.sum_mask)
 
 def conv_trunk(arch):
-    """'32,M,64' -> 3x3 conv/BN/ReLU layers (a number is the width) and 2x2 max pools (M), then global
-    average pooling and a linear layer to the 10 digits.  (B, 1, 28, 28) -> (B, 10)"""
+    """'32,M,64' -> 3x3 conv/BN/ReLU layers (a number is the width) and 2x2 max pools (M), then
+    global average pooling and a linear layer to the 10 digits.  (B, 1, 28, 28) -> (B, 10)"""
     layers, channels, side = [], 1, 28
     for token in arch.upper().replace(" ", "").split(","):
         if token == "M":
@@ -175,7 +96,13 @@ def conv_trunk(arch):
             raise UserError(f"--arch {arch}: {token!r} is neither a width 1..4096 nor M; e.g. 32,M,64,96")
         if side < 1:
             raise UserError(f"--arch {arch}: its pools shrink the 28x28 input below 1 pixel")
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
+    return nn.Sequential(*layers, GlobalAvgPool(), nn.Flatten(), nn.Linear(channels, 10))
+
+class GlobalAvgPool(nn.Module):
+    """(B, C, H, W) -> (B, C, 1, 1), a mean over H and W: deterministic on CUDA, where PyTorch lists
+    AdaptiveAvgPool2d's backward among the ops without a deterministic kernel."""
+    def forward(self, x):
+        return x.mean((2, 3), keepdim=True)
 
 # SUM_MASK[k, i] = 0 where the digit triple i = (a, b, c) (flattened) sums to k + 1, else -inf. (20, 1000)
 TRIPLE_SUMS = (torch.arange(10)[:, None, None] + torch.arange(10)[:, None] + torch.arange(10)).flatten()
@@ -189,21 +116,11 @@ def sum_log_probs(digit_logits, mask=SUM_MASK):
     joint = lp[:, 0, :, None, None] + lp[:, 1, None, :, None] + lp[:, 2, None, None, :]  # (B, 10, 10, 10)
     return torch.logsumexp(joint.flatten(1)[:, None, :] + mask.to(joint.device), dim=-1)  # (B, 20)
 
-class DigitSumNet(nn.Module):
-    """One digit network shared by the three channels; outputs log P(sum) over the 20 AddNIST classes."""
-    def __init__(self, arch):
-        super().__init__()
-        self.digit = conv_trunk(arch)
-        self.register_buffer("sum_mask", SUM_MASK.clone(), persistent=False)  # follows .to(), not saved
-    def forward(self, x):  # (B, 3, 28, 28) -> (B, 20)
-        logits = self.digit(x.reshape(-1, 1, *x.shape[2:]))  # every digit through the same weights
-        return sum_log_probs(logits.view(len(x), 3, 10), self.sum_mask)
-
 def augment_digits(x, cfg, background, strength=1.0):
-    """Random rotation, zoom, whole-pixel shift and elastic distortion of every digit (channel) on its
-    own, in one batched grid_sample. (B, 3, H, W) -> same. The elastic field is the distortion Simard
-    et al. (2003) found best on MNIST: smooth random displacements, here 5x5 noise upsampled. The empty
-    canvas is `background` (data are normalised); `strength` scales all but the shifts."""
+    """Random rotation, zoom, whole-pixel shift and elastic distortion of every digit (channel) on
+    its own, in one batched grid_sample. (B, 3, H, W) -> same. The elastic field is the distortion
+    Simard et al. (2003) found best on MNIST: smooth random displacements, here 5x5 noise upsampled.
+    The empty canvas is `background` (data are normalised); `strength` scales all but the shifts."""
     B, C, H, W = x.shape
     n = B * C
     u = lambda: torch.rand(n, device=x.device) * 2 - 1  # uniform in [-1, 1], one per digit
@@ -243,6 +160,11 @@ def evaluate(model, x, y, tta=False, batch_size=1000):
         correct += (logp.argmax(1) == yb).sum()
     return loss.item() / len(x), correct.item() / len(x)
 
+def ema_decay(limit, step):
+    """(1 + step)/(10 + step), capped at `limit`: the average would otherwise remember the random
+    initial weights, so its memory starts short (0.1 at step 0, 0.9 at step 80) and grows."""
+    return min(limit, (1 + step) / (10 + step))
+
 def train_classifier(cfg, seed, run_dir, train, scored, hw):
     """Train one seed; returns its result, or None when paused. `scored` ({"test": (x, y)}, plus "valid",
     the held-out split recipes are chosen on, with --train-on train) only ever goes to evaluate()."""
@@ -255,9 +177,10 @@ def train_classifier(cfg, seed, run_dir, train, scored, hw):
               {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]  # BN: none
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=hw.device.type == "cuda")
     scaler = grad_scaler(hw)
-    run = resume_from(ckpt_path, "classify", cfg, dict(step=0, seconds=0.0, result=None, curves={
-        k: [] for k in ("step", "train_loss", "train_acc", "test_loss", "test_acc")}),
-        model=model, ema=ema, opt=opt, scaler=scaler)
+    objects = dict(model=model, ema=ema, opt=opt, scaler=scaler)  # what a checkpoint saves and a resume restores
+    figures = [f"{split}_{what}" for split in ("train", *scored) for what in ("loss", "acc")]
+    run = resume_from(ckpt_path, "classify", cfg, objects, figures, step=0, seconds=0.0, result=None,
+                      curves={k: [] for k in ("step", "train_loss", "train_acc", "test_loss", "test_acc")})
     if run["result"]:
         print(f"run seed {seed}: already finished in {ckpt_path}")
         return run["result"]
@@ -266,10 +189,9 @@ def train_classifier(cfg, seed, run_dir, train, scored, hw):
     subset = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:cfg.eval_train]
     subset = subset.to(hw.device)  # the same train images at every evaluation
     stop_at, t0 = stop_point(cfg.pause_at, start, cfg.steps), time.time()
-    checkpoint = lambda step, result=None: save_checkpoint(ckpt_path, dict(
-        command="classify", **states(model=model, ema=ema, opt=opt, scaler=scaler), step=step, seed=seed,
-        config=asdict(cfg), curves=curves, result=result, seconds=run["seconds"] + time.time() - t0))
-    since, window = (start, t0), torch.zeros(2, device=hw.device)  # (loss, accuracy) summed: no sync
+    checkpoint = lambda step, result=None: save_checkpoint(ckpt_path, "classify", cfg, objects, step=step,
+        seed=seed, curves=curves, result=result, seconds=run["seconds"] + time.time() - t0)
+    log = Progress(start, cfg.steps, stop_at, "loss", "acc")
     for step in range(start, stop_at):
         seed_step(seed, step)
         lr = set_lr(opt, get_lr(step, cfg, cfg.warmup))
@@ -285,21 +207,18 @@ def train_classifier(cfg, seed, run_dir, train, scored, hw):
         scaler.step(opt)
         scaler.update()
         ema_update(ema, model, ema_decay(cfg.ema, step))
-        window += torch.stack([loss.detach(), (out.argmax(1) == yb).float().mean()])
+        log.add(loss, (out.argmax(1) == yb).float().mean())
         done = step + 1
         if done % cfg.log_every == 0 or done == stop_at:
-            loss_mean, acc_mean = (window / (done - since[0])).tolist()
-            since = log_line(done, cfg.steps, stop_at, since, loss=f"{loss_mean:.4f}",
-                             acc=f"{acc_mean:.3f}", lr=f"{lr:.1e}")
-            window.zero_()
+            log.line(done, lr=f"{lr:.1e}")
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            scores = (*evaluate(eval_model, x_train[subset], y_train[subset]), *evaluate(eval_model, *scored["test"]))
-            for key, value in zip(curves, (done, *scores)):
-                curves[key].append(value)
-            print(f"eval {done:5d}/{cfg.steps} | train loss {scores[0]:.4f} acc {scores[1]:.4f} | "
-                  f"test loss {scores[2]:.4f} acc {scores[3]:.4f}", flush=True)
-            checkpoint(done)
-            since = (done, time.time())  # the evaluation's time is not a training step's
+            with log.aside():  # the evaluation's time is not a training step's
+                scores = (*evaluate(eval_model, x_train[subset], y_train[subset]), *evaluate(eval_model, *scored["test"]))
+                for key, value in zip(curves, (done, *scores)):
+                    curves[key].append(value)
+                print(f"eval {done:5d}/{cfg.steps} | train loss {scores[0]:.4f} acc {scores[1]:.4f} | "
+                      f"test loss {scores[2]:.4f} acc {scores[3]:.4f}", flush=True)
+                checkpoint(done)
         if STOP:
             checkpoint(done)
             raise interrupted(done, ckpt_path, cfg)
@@ -332,30 +251,33 @@ def classify(cfg):
     held = ("valid", "test") if cfg.train_on == "train" else ("test",)
     scored = {split: [torch.from_numpy(a).to(hw.device) for a in load(split)] for split in held}
     print(f"AddNIST {cfg.train_on} {tuple(train[0].shape)}, test {tuple(scored['test'][0].shape)}")
-    start_record(cfg, len(train[0]))
+    start_record(cfg, "classify", len(train[0]))
     results = []
     for r, run_dir in enumerate(run_dirs):
         print(f"--- run {r + 1}/{cfg.runs} (seed {cfg.seed + r})")
         results.append(train_classifier(cfg, cfg.seed + r, run_dir, train, scored, hw))
         if results[-1] is None:  # paused
             return None
-    metrics = {"params": n_params, "steps": results[0]["steps"], "runs": len(results),
+    metrics = {"command": "classify", "params": n_params, "steps": results[0]["steps"], "runs": len(results),
                "device": str(hw.device), "mixed_precision": hw.precision, "config": asdict(cfg)}
-    splits = ("train",) + held
-    for key in (f"{split}_{what}" for split in splits for what in ("loss", "acc")):
+    for key in (f"{split}_{what}" for split in ("train", *held) for what in ("loss", "acc")):
         metrics[f"{key}_mean"], metrics[f"{key}_std"] = mean_std([r[key] for r in results])
     metrics["per_run"] = results
     rows = [{"seed": r["seed"], "steps": r["steps"], "train loss": f"{r['train_loss']:.4f}",
-             **{f"{s} acc %": f"{100 * r[s + '_acc']:.2f}" for s in splits}, "time": fmt_time(r["seconds"])}
+             **{f"{s} acc %": f"{100 * r[s + '_acc']:.2f}" for s in ("train", *held)}, "time": fmt_time(r["seconds"])}
             for r in results]
-    print_table(rows + [{"seed": f"mean ± std (n={len(results)})", "steps": "",
-                         "train loss": "{train_loss_mean:.4f} ± {train_loss_std:.4f}".format(**metrics),
-                         **{f"{s} acc %": percent((metrics[f"{s}_acc_mean"], metrics[f"{s}_acc_std"]))
-                            for s in splits}, "time": ""}])
+    print_table(rows + [{"seed": f"mean ± std (n={len(results)})", "steps": "", **classify_row(metrics), "time": ""}])
     save_json(os.path.join(cfg.out, "metrics.json"), metrics)
     plot_accuracy(os.path.join(cfg.out, "accuracy.png"), results)
     print(f"wrote {cfg.out}/config.json, metrics.json, accuracy.png, run*/ckpt.pt")
     return metrics
+
+def classify_row(m):
+    """The summary of a classify record as text, mean ± std over its runs: its table's last row and
+    the report's row."""
+    splits = [s for s in ("train", "valid", "test") if f"{s}_acc_mean" in m]
+    return {"train loss": "{train_loss_mean:.4f} ± {train_loss_std:.4f}".format(**m),
+            **{f"{s} acc %": percent((m[f"{s}_acc_mean"], m[f"{s}_acc_std"])) for s in splits}}
 
 # ---------------------------------------------------------------------------------------------
 # Diffusion: Karras et al. 2022, "Elucidating the design space of diffusion-based generative models"
@@ -364,6 +286,37 @@ def classify(cfg):
 # c_noise) has unit-variance inputs and targets at every σ (EDM, Table 1); training draws ln σ ~
 # N(P_mean, P_std²); sampling integrates the probability-flow ODE with Heun's method (Algorithm 1).
 # Class labels dropped at random give classifier-free guidance (Ho & Salimans 2022).
+
+@dataclass
+class GenerateConfig(RunConfig):
+    out: str = "runs/generate"  # results folder: samples, interpolations, neighbours, metrics, checkpoint
+    ckpt: str = ""  # checkpoint to load (empty: OUT/ckpt.pt)
+    steps: int = 50_000  # optimisation steps (at most 50,000); checkpoint, and progress.png from 2,000, each tenth
+    allow_penalty: bool = False  # train over a budget anyway and print the coursework penalty
+    sample_only: bool = False  # skip training: regenerate every output from --ckpt (or OUT/ckpt.pt)
+    widths: str = "32,64,80"  # U-Net channels at 32, 16 and 8 pixels, multiples of 8 (997,123 parameters)
+    blocks: int = 1  # residual blocks per level, down and up
+    emb_dim: int = 128  # width of the noise-level + class embedding (a multiple of 4)
+    dropout: float = 0.0  # dropout inside residual blocks
+    batch_size: int = 256  # images per step
+    lr: float = 4e-3  # peak Adam learning rate
+    warmup: float = 0.02  # linear warm-up over this fraction of --steps, then cosine decay to 0
+    ema: float = 0.04  # length of the power-function weight average samples come from, as σ_rel (0 = off)
+    sigma_data: float = 0.5  # standard deviation of the data, for the preconditioning
+    p_mean: float = -0.4  # mean of ln σ during training
+    p_std: float = 1.4  # standard deviation of ln σ during training
+    p_uncond: float = 0.1  # probability of dropping the class label (trains the unconditional model too)
+    flip: bool = True  # random horizontal flips (right for CIFAR; --no-flip for the digit stand-in)
+    sampler_steps: int = 18  # Heun steps (NFE = 2 steps - 1, doubled when guidance != 1)
+    guidance: float = 3.0  # guidance scale w (1 = plain conditional, half the evaluations)
+    guide_min: float = 0.0  # guidance acts only at noise levels σ in (guide_min, guide_max]; w = 1 elsewhere
+    guide_max: float = 80.0  # upper end of the guidance interval (80 = σ_max: guided from the start)
+    autoguide: float = 0.0  # guide with the EMA as it was at this fraction of the run, not the unconditional model (0 = off)
+    churn: float = 0.0  # S_churn of EDM's stochastic sampler (Alg. 2), noise added at σ in [0.05, 50] (0 = deterministic)
+    fid_samples: int = 10_000  # samples drawn for FID and samples.npz (at least the grid's 64)
+    sample_batch: int = 1000  # samples per sampler call
+
+GRID_MIN_STEPS = 2_000  # progress.png only in runs this long: its 9 grids then cost ~10 % of a batch-64 run
 
 def edm_scalings(sigma, sigma_data):
     """c_skip, c_out, c_in, c_noise of EDM Table 1.  sigma (B,) -> four (B,)"""
@@ -387,9 +340,9 @@ def zero_init(layer):  # a residual branch that starts at zero leaves its block 
     return layer
 
 class ResBlock(nn.Module):
-    """GroupNorm, SiLU, conv, scale-and-shift by the embedding (Dhariwal & Nichol 2021), GroupNorm, SiLU,
-    dropout, conv (zero-initialised, so every block starts as the identity); plus the input (a 1x1 conv
-    when the width changes)."""
+    """GroupNorm, SiLU, conv, scale-and-shift by the embedding (Dhariwal & Nichol 2021), GroupNorm,
+    SiLU, dropout, conv (zero-initialised, so every block starts as the identity); plus the input (a
+    1x1 conv when the width changes)."""
     def __init__(self, cin, cout, emb_dim, dropout):
         super().__init__()
         self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
@@ -423,8 +376,8 @@ class UNet(nn.Module):
     def __init__(self, widths=(32, 64, 80), blocks=1, emb_dim=128, n_classes=100, dropout=0.0, sigma_data=0.5):
         super().__init__()
         self.sigma_data, self.n_classes = sigma_data, n_classes
-        # Fixed random Fourier frequencies (Tancik et al. 2020) for c_noise = ln(σ)/4, about -2..1.5 in
-        # training: a std of 4 cycles per unit resolves noise levels a few percent apart.
+        # Fixed random Fourier frequencies (Tancik et al. 2020) for c_noise = ln(σ)/4, about -2..1.5
+        # in training: a std of 4 cycles per unit resolves noise levels a few percent apart.
         self.register_buffer("freqs", torch.randn(emb_dim // 4) * 4)
         self.noise_mlp = nn.Sequential(nn.Linear(emb_dim // 2, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(n_classes + 1, emb_dim)
@@ -469,8 +422,8 @@ def make_unet(cfg):
 
 def edm_loss(net, x, labels, cfg):
     """EDM Eq. 2 with λ(σ) = (σ² + σ_d²)/(σ σ_d)²: the weighted denoising error at ln σ ~ N(P_mean,
-    P_std²). Labels become "no class" with probability p_uncond, training the unconditional model that
-    classifier-free guidance needs inside the same network."""
+    P_std²). Labels become "no class" with probability p_uncond, training the unconditional model
+    that classifier-free guidance needs inside the same network."""
     sigma = (torch.randn(len(x), device=x.device) * cfg.p_std + cfg.p_mean).exp()  # (B,)
     drop = torch.rand(len(x), device=x.device) < cfg.p_uncond
     labels = torch.where(drop, torch.full_like(labels, net.n_classes), labels)
@@ -538,15 +491,24 @@ def slerp(a, b, t):
     return (1 - t) * a + t * b if omega.abs() < 1e-6 else \
         (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
 
+def power_ema_decay(sigma_rel, step):
+    """The power-function EMA of Karras et al. 2024 (EDM2, Sec. 3.1): after t = step + 1 updates the
+    decay is (1 - 1/t)^(γ+1), so the average spans the same fraction of the run however long it is.
+    γ solves σ_rel² = (γ+1) / ((γ+2)² (γ+3)) (EDM2 Eq. 3), a cubic; σ_rel 0.04 (γ 22.0) ends a
+    50,000-step run at a decay of 0.99954, close to a plain EMA of 0.9995."""
+    if sigma_rel == 0:
+        return 0.0
+    gamma = np.roots([1, 7, 16 - sigma_rel ** -2, 12 - sigma_rel ** -2]).real.max()
+    return (1 - 1 / (step + 1)) ** (gamma + 1)
+
 def train_generator(cfg, objects, x_train, y_train, hw, ckpt_path, run):
     """The budgeted loop from run["step"]; returns the run record at the end (None when paused).
     objects: the model, its EMA, the optimiser, the scaler and, with --autoguide, the guide."""
     net, ema, opt, scaler, guide = (objects.get(k) for k in ("model", "ema", "opt", "scaler", "guide"))
     curve, stop_at, t0 = run["curve"], stop_point(cfg.pause_at, run["step"], cfg.steps), time.time()
-    checkpoint = lambda step: save_checkpoint(ckpt_path, dict(
-        command="generate", **states(**objects), step=step,
-        config=asdict(cfg), curve=curve, seconds=run["seconds"] + time.time() - t0))
-    since, loss_sum = (run["step"], t0), torch.zeros((), device=hw.device)  # summed: no sync per step
+    checkpoint = lambda step: save_checkpoint(ckpt_path, "generate", cfg, objects, step=step, curve=curve,
+                                              seconds=run["seconds"] + time.time() - t0)
+    log = Progress(run["step"], cfg.steps, stop_at, "loss")
     for step in range(run["step"], stop_at):
         seed_step(cfg.seed, step)  # noise levels, noise, dropout, flips
         lr = set_lr(opt, get_lr(step, cfg, round(cfg.warmup * cfg.steps)))
@@ -564,22 +526,19 @@ def train_generator(cfg, objects, x_train, y_train, hw, ckpt_path, run):
         scaler.step(opt)
         scaler.update()
         ema_update(ema, net, power_ema_decay(cfg.ema, step))
-        loss_sum += loss.detach()
+        log.add(loss)
         done = step + 1
         if guide is not None and done == max(1, round(cfg.autoguide * cfg.steps)):  # the guide: the EMA so far
             guide.load_state_dict(ema.state_dict())
         if done % cfg.log_every == 0 or done == stop_at:
             curve["step"].append(done)
-            curve["loss"].append(loss_sum.item() / (done - since[0]))
-            rate = cfg.batch_size * (done - since[0]) / (time.time() - since[1])
-            since = log_line(done, cfg.steps, stop_at, since, loss=f"{curve['loss'][-1]:.4f}",
-                             lr=f"{lr:.1e}", img_per_s=f"{rate:.0f}")
-            loss_sum.zero_()
-        if done % max(1, cfg.steps // 10) == 0 and done < cfg.steps:  # a grid to watch the run by
-            checkpoint(done)  # first: a Ctrl-C while the grid is drawn keeps these steps
-            grid = sample_images(ema.eval(), torch.arange(64) % 100, cfg, hw, cfg.seed, guide)
-            save_grid(os.path.join(cfg.out, "progress.png"), grid, 8, f"EMA samples after {done:,} steps")
-            since = (done, time.time())
+            curve["loss"] += log.line(done, lr=f"{lr:.1e}")
+        if done % max(1, cfg.steps // 10) == 0 and done < cfg.steps:  # every tenth of the run
+            with log.aside():
+                checkpoint(done)  # first: a Ctrl-C while the grid is drawn keeps these steps
+                if cfg.steps >= GRID_MIN_STEPS:  # a grid to watch the run by
+                    grid = sample_images(ema.eval(), torch.arange(64) % 100, cfg, hw, cfg.seed, guide)
+                    save_grid(os.path.join(cfg.out, "progress.png"), grid, 8, f"EMA samples after {done:,} steps")
         if STOP:
             checkpoint(done)
             raise interrupted(done, ckpt_path, cfg)
@@ -623,8 +582,8 @@ def generate(cfg):
     if cfg.sample_only:  # the network and its training record come from the checkpoint
         if not os.path.exists(ckpt_path):
             raise UserError(f"no checkpoint at {ckpt_path}; train first, or point --ckpt at one")
-        trained_with = load_checkpoint(ckpt_path, "generate")["config"].items()
-        cfg = replace(cfg, **{k: v for k, v in trained_with if k in asdict(cfg) and k not in RESUME_FREE})
+        trained_with = load_checkpoint(ckpt_path, "generate", cfg, adopt=True)["config"].items()
+        cfg = replace(cfg, **{k: v for k, v in trained_with if k not in RESUME_FREE})
     n_params = count_params(make_unet(cfg))
     print(f"generate | U-Net widths {cfg.widths}, {cfg.blocks} block(s) per level")
     enforce_budget("Number of parameters", n_params, GENERATE_PARAM_LIMIT, False, cfg.allow_penalty)
@@ -639,10 +598,9 @@ def generate(cfg):
     if cfg.autoguide:  # the guide: a frozen copy of the EMA, taken at that fraction of the run
         objects["guide"] = copy.deepcopy(ema).eval()
     guide = objects.get("guide")
-    run = resume_from(ckpt_path, "generate", cfg, dict(step=0, curve={"step": [], "loss": []}, seconds=0.0),
-                      **objects)
+    run = resume_from(ckpt_path, "generate", cfg, objects, step=0, curve={"step": [], "loss": []}, seconds=0.0)
     train = [torch.from_numpy(a).to(hw.device) for a in data.load_split("cifar100", "train", cfg.data_dir or None)]
-    start_record(cfg, len(train[0]), cfg.resume or cfg.sample_only)
+    start_record(cfg, "generate", len(train[0]), cfg.resume or cfg.sample_only)
     if not cfg.sample_only:
         print(f"> Work per step: {cfg.batch_size} images; {cfg.steps * cfg.batch_size:,} images seen; "
               f"CIFAR-100 train {tuple(train[0].shape)}")
@@ -656,7 +614,8 @@ def generate(cfg):
     np.savez(out("samples.npz"), images=images.numpy(), labels=labels.numpy())
     frames, classes = interpolations(ema, cfg, hw, cfg.seed, guide)
     save_grid(out("interpolations.png"), frames, 10, "8 pairs: slerp of noise, lerp of class")
-    metrics = dict(params=n_params, steps=run["step"], sampler=f"EDM Heun (Karras et al. 2022, Alg. {1 + (cfg.churn > 0)})",
+    metrics = dict(command="generate", params=n_params, steps=run["step"],
+                   sampler=f"EDM Heun (Karras et al. 2022, Alg. {1 + (cfg.churn > 0)})",
                    sampler_steps=cfg.sampler_steps, nfe=nfe(cfg), guidance=cfg.guidance, fid_samples=len(images),
                    sample_seconds=sample_seconds, interpolation_classes=[c.tolist() for c in classes],
                    loss_curve=run["curve"], train_seconds=run["seconds"], checkpoint=ckpt_path,
@@ -670,23 +629,41 @@ def generate(cfg):
     nearest = lambda j, mirrored: train[0][j].flip(2).cpu() if mirrored else train[0][j].cpu()  # (3, 32, 32)
     save_grid(out("neighbours.png"), torch.cat([torch.stack([images[s]] + [nearest(j, m) for j, m in zip(
         near["pixel_index"][row], near["mirrored"][row])]) for row, s in enumerate(near["sample_index"])]), 4,
-              "sample  |  3 nearest training images (or mirror images)", gap_after=1)
-    fid_text = "null" if metrics["fid"] is None else f"{metrics['fid']:.2f}"
-    print(f"\n{n_params:,} parameters, {run['step']:,} steps, Heun {cfg.sampler_steps} (NFE {nfe(cfg)}), guidance "
-          f"{cfg.guidance}: FID {fid_text} on {len(images):,} samples; the quality panel:")
+              "sample | 3 nearest training images (or mirrored)", gap_after=1)
+    print(f"\n{generate_row(metrics)}; the quality panel:")
     fid.print_panel(metrics)
     print(f"wrote {cfg.out}/samples.png, interpolations.png, neighbours.png, samples.npz, config.json, "
           f"metrics.json" + ("" if cfg.sample_only else f"; checkpoint {ckpt_path}"))
     return metrics
 
+def generate_row(m):
+    """The summary of a generate record in one line: the command's last words and the report's."""
+    fid_text = "null" if m.get("fid") is None else f"{m['fid']:.2f}"
+    return (f"{m['params']:,} parameters, {m['steps']:,} steps; {m['sampler']}, {m['sampler_steps']} steps (NFE "
+            f"{m['nfe']}), guidance {m['guidance']}: FID {fid_text} on {m['fid_samples']:,} samples")
+
 # ---------------------------------------------------------------------------------------------
 # Depth study: a plain 38-layer CNN fails to train, gradient flow shows why, BN and residuals fix it
 
+@dataclass
+class GradflowConfig(RunConfig):
+    out: str = "runs/gradflow"  # results folder: a sub-folder per configuration and seed, metrics.json
+    depth: int = 38  # 8 (0 processing blocks per stage) or 38 (5 per stage); 3 stages of 32 filters
+    bn: bool = False  # BatchNorm after every conv, before its activation
+    residual: bool = False  # identity skip around every processing block (He et al. 2016)
+    compare: bool = False  # run the five reference configurations in turn, then the comparison table
+    epochs: int = 100  # passes over the 47,500 training images
+    batch_size: int = 100  # images per step
+    lr: float = 1e-3  # Adam learning rate at the start; cosine annealing per epoch down to min_lr
+    min_lr: float = 2e-5  # cosine floor: min_lr + (lr - min_lr)(1 + cos(pi e / epochs)) / 2
+    val_size: int = 2_500  # training images held out for validation (seeded permutation)
+    runs: int = 1  # independent runs with seeds seed, seed+1, ...
+
 class Block(nn.Module):
-    """conv -> (BN) -> leaky ReLU -> [2x2 average pool] -> conv -> (BN) -> [+ input] -> leaky ReLU, at
-    constant width. A processing block keeps H and W; with residual its input is added before the last
-    activation (He et al. 2016, Fig. 2): if both convs output zero it passes its input through, so
-    gradients reach early layers undiminished. A reduction block (reduce) halves H and W."""
+    """conv -> (BN) -> leaky ReLU -> [2x2 average pool] -> conv -> (BN) -> [+ input] -> leaky ReLU,
+    at constant width. A processing block keeps H and W; with residual its input is added before the
+    last activation (He et al. 2016, Fig. 2): if both convs output zero it passes its input through,
+    so gradients reach early layers undiminished. A reduction block (reduce) halves H and W."""
     def __init__(self, c, bn, residual=False, reduce=False):
         super().__init__()  # the coursework framework: convs with a bias in reduction blocks only
         self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=reduce), nn.BatchNorm2d(c) if bn else nn.Identity()
@@ -698,9 +675,9 @@ class Block(nn.Module):
         return F.leaky_relu(h + x if self.residual else h)
 
 class VGG(nn.Module):
-    """Entry conv/BN/leaky ReLU, 3 stages of (blocks_per_stage processing blocks + 1 reduction block),
-    global average pool, linear. depth 8: no processing blocks (7 convs + 1 linear, 59,716 parameters);
-    depth 38: 5 per stage (37 convs + 1 linear, 336,196 parameters)."""
+    """Entry conv/BN/leaky ReLU, 3 stages of (blocks_per_stage processing blocks + 1 reduction
+    block), global average pool, linear. depth 8: no processing blocks (7 convs + 1 linear, 59,716
+    parameters); depth 38: 5 per stage (37 convs + 1 linear, 336,196 parameters)."""
     def __init__(self, depth=38, bn=False, residual=False, filters=32, n_classes=100, stages=3):
         super().__init__()
         per_stage = (depth - 2 - 2 * stages) // (2 * stages)  # depth = 1 + stages (2 blocks + 2) + 1
@@ -723,8 +700,8 @@ def layer_name(param_name):
     return p[0] if p[0] != "stages" else f"s{int(p[1]) + 1}.{p[2]}.{p[3].replace('conv', 'c')}"
 
 def gradient_flow(model):
-    """{layer: mean |dL/dW|} over every weight tensor (conv kernels and the linear matrix; biases and
-    BN scales are left out), in forward order."""
+    """{layer: mean |dL/dW|} over every weight tensor (conv kernels and the linear matrix; biases
+    and BN scales are left out), in forward order."""
     return {name: p.grad.abs().mean().item() for name, p in model.named_parameters()
             if p.grad is not None and p.ndim > 1}
 
@@ -754,25 +731,26 @@ def run_folder(out, name):
     return os.path.join(out, re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"))
 
 def train_vgg(cfg, seed, run_dir, splits, hw):
-    """Train one configuration for cfg.epochs; returns its result (the best-validation weights scored
-    on test), or None when paused. The lr follows cosine annealing per epoch (Loshchilov & Hutter 2017)
-    as the coursework's CosineAnnealingLR steps it."""
+    """Train one configuration for cfg.epochs; returns its result (the best-validation weights
+    scored on test), or None when paused. The lr follows cosine annealing per epoch (Loshchilov &
+    Hutter 2017) as the coursework's CosineAnnealingLR steps it."""
     (x_tr, y_tr), (x_val, y_val), test = splits
     torch.manual_seed(seed)
     model = VGG(cfg.depth, cfg.bn, cfg.residual).to(hw.device, memory_format=torch.channels_last)
     opt, scaler = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=hw.device.type == "cuda"), grad_scaler(hw)
+    objects = dict(model=model, opt=opt, scaler=scaler)  # what a checkpoint saves and a resume restores
     per_epoch, ckpt_path = len(x_tr) // cfg.batch_size, os.path.join(run_dir, "ckpt.pt")
-    run = resume_from(ckpt_path, "gradflow", cfg, dict(epoch=0, flows=[], best={"val_acc": -1.0}, seconds=0.0,
-                      result=None, curves={k: [] for k in ("epoch", "lr", "train_loss", "train_acc", "val_loss",
-                                                           "val_acc")}), model=model, opt=opt, scaler=scaler)
+    run = resume_from(ckpt_path, "gradflow", cfg, objects, [f"{s}_{w}" for s in ("train", "val") for w in ("loss", "acc")],
+                      epoch=0, flows=[], best={"val_acc": -1.0}, seconds=0.0, result=None,
+                      curves={k: [] for k in ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")})
     if run["result"]:
         print(f"{run_dir}: already finished")
         return run["result"]
     curves, flows, best, t0 = run["curves"], run["flows"], run["best"], time.time()
-    stop_epoch, since = stop_point(cfg.pause_at, run["epoch"], cfg.epochs, "epoch"), (run["epoch"] * per_epoch, t0)
-    checkpoint = lambda epoch, result=None: save_checkpoint(ckpt_path, dict(
-        command="gradflow", **states(model=model, opt=opt, scaler=scaler), epoch=epoch, config=asdict(cfg),
-        curves=curves, flows=flows, best=best, result=result, seconds=run["seconds"] + time.time() - t0))
+    stop_epoch = stop_point(cfg.pause_at, run["epoch"], cfg.epochs, "epoch")
+    checkpoint = lambda epoch, result=None: save_checkpoint(ckpt_path, "gradflow", cfg, objects, epoch=epoch,
+        curves=curves, flows=flows, best=best, result=result, seconds=run["seconds"] + time.time() - t0)
+    log = Progress(run["epoch"] * per_epoch, cfg.epochs * per_epoch, stop_epoch * per_epoch, "loss")
     for epoch in range(run["epoch"], stop_epoch):
         lr = set_lr(opt, cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs)))
         model.train()
@@ -794,24 +772,24 @@ def train_vgg(cfg, seed, run_dir, splits, hw):
             scaler.update()
             loss_sum += loss.detach()
             correct += (out.argmax(1) == yb).sum()
+            log.add(loss)
             if STOP and i < per_epoch - 1:  # checkpoints are per epoch: the last one stays intact
                 kept = f"the checkpoint after epoch {epoch} is kept" if epoch else "no epoch had finished"
                 raise UserError(f"interrupted in epoch {epoch + 1}; {kept}, and --resume --out {cfg.out} "
                                 f"repeats epoch {epoch + 1}")
             if (step + 1) % cfg.log_every == 0:
-                since = log_line(step + 1, cfg.epochs * per_epoch, stop_epoch * per_epoch, since,
-                                 epoch=epoch + 1, loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
-        train_loss, train_acc = loss_sum.item() / per_epoch, correct.item() / (per_epoch * cfg.batch_size)
-        val_loss, val_acc = evaluate(model, x_val, y_val)
-        for key, value in zip(curves, (epoch + 1, lr, train_loss, train_acc, val_loss, val_acc)):
-            curves[key].append(value)
-        if val_acc > best["val_acc"]:  # keep the best-validation weights for the test evaluation
-            best = {"val_acc": val_acc, "epoch": epoch + 1, "train_acc": train_acc,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        print(f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {train_loss:.4f} acc {train_acc:.4f} | val "
-              f"loss {val_loss:.4f} acc {val_acc:.4f} | grad entry {flows[-1]['entry.0.weight']:.2e}", flush=True)
-        checkpoint(epoch + 1)
-        since = ((epoch + 1) * per_epoch, time.time())
+                log.line(step + 1, epoch=epoch + 1, lr=f"{lr:.1e}")
+        with log.aside():  # the epoch's evaluation and checkpoint are not a training step's time
+            train_loss, train_acc = loss_sum.item() / per_epoch, correct.item() / (per_epoch * cfg.batch_size)
+            val_loss, val_acc = evaluate(model, x_val, y_val)
+            for key, value in zip(curves, (epoch + 1, lr, train_loss, train_acc, val_loss, val_acc)):
+                curves[key].append(value)
+            if val_acc > best["val_acc"]:  # keep the best-validation weights for the test evaluation
+                best = {"val_acc": val_acc, "epoch": epoch + 1, "train_acc": train_acc,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            print(f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {train_loss:.4f} acc {train_acc:.4f} | val loss "
+                  f"{val_loss:.4f} acc {val_acc:.4f} | grad entry {flows[-1]['entry.0.weight']:.2e}", flush=True)
+            checkpoint(epoch + 1)
         if STOP:
             raise interrupted(epoch + 1, ckpt_path, cfg, unit="epoch")
     if stop_epoch < cfg.epochs:
@@ -819,9 +797,9 @@ def train_vgg(cfg, seed, run_dir, splits, hw):
     model.load_state_dict(best["state"])
     test_loss, test_acc = evaluate(model, *test)
     result = dict(seed=seed, params=count_params(model), epochs=stop_epoch, best_epoch=best["epoch"],
-                  train_acc=curves["train_acc"][-1], val_acc=curves["val_acc"][-1], best_val_acc=best["val_acc"],
-                  test_acc=test_acc, test_loss=test_loss, seconds=run["seconds"] + time.time() - t0,
-                  curves=curves, grad_flow=flows)
+                  **{key: curves[key][-1] for key in ("train_loss", "train_acc", "val_loss", "val_acc")},
+                  best_val_acc=best["val_acc"], test_acc=test_acc, test_loss=test_loss,
+                  seconds=run["seconds"] + time.time() - t0, curves=curves, grad_flow=flows)
     checkpoint(stop_epoch, result)
     plot_run(run_dir, result)
     return result
@@ -854,7 +832,7 @@ def gradflow(cfg):
     splits = load_cifar_splits(cfg, hw.device)
     print(f"gradflow | CIFAR-100 train {len(splits[0][0])}, val {len(splits[1][0])}, test {len(splits[2][0])}"
           f" | {cfg.epochs} epochs of {len(splits[0][0]) // cfg.batch_size} steps")
-    start_record(cfg, len(splits[0][0]))
+    start_record(cfg, "gradflow", len(splits[0][0]))
     rows = []
     for config, run_cfg, run_dirs in plan:
         print(f"=== {config.name}: > Number of parameters "
@@ -868,30 +846,76 @@ def gradflow(cfg):
         row = {"name": config.name, "params": results[0]["params"], "epochs": results[0]["epochs"],
                "lr": config.lr, "runs": len(results),
                "known_train_val": [config.known_train_acc, config.known_val_acc] if cfg.compare else None}
-        for key in ("train_acc", "val_acc", "best_val_acc", "test_acc"):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "test_acc"):
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r[key] for r in results])
         rows.append(row)
-    print(f"\naccuracy % as mean ± std over {cfg.runs} seed(s); known = published train / val %")
-    print_table([{"configuration": row["name"], "params": f"{row['params']:,}",
-                  **{f"{split} acc": percent((row[f"{split}_acc_mean"], row[f"{split}_acc_std"]))
-                     for split in ("train", "val", "test")},
-                  "known": "{} / {}".format(*row["known_train_val"]) if row["known_train_val"] else "-"}
-                 for row in rows])
-    save_json(os.path.join(cfg.out, "metrics.json"), {"config": asdict(cfg), "device": str(hw.device),
-                                                      "mixed_precision": hw.precision, "table": rows})
+    print(f"\nthe last epoch's figures, test of the best-validation weights, mean ± std over {cfg.runs} seed(s); "
+          f"known = published train / val %")
+    print_table([depth_row(row) for row in rows])
+    save_json(os.path.join(cfg.out, "metrics.json"), {"command": "gradflow", "config": asdict(cfg), "table": rows,
+                                                      "device": str(hw.device), "mixed_precision": hw.precision})
     print(f"wrote {cfg.out}/config.json, metrics.json and, per run, gradflow.png, curves.png, metrics.json")
     return rows
+
+def depth_row(row):
+    """A configuration's summary as text (mean ± std over its seeds): the command's table and the report's."""
+    text = lambda key, f="{:.3f} ± {:.3f}": f.format(row[f"{key}_mean"], row[f"{key}_std"])
+    return {"configuration": row["name"], "lr": f"{row['lr']:.0e}", "params": f"{row['params']:,}",
+            "train loss": text("train_loss"), "train acc %": percent((row["train_acc_mean"], row["train_acc_std"])),
+            "val loss": text("val_loss"), "val acc %": percent((row["val_acc_mean"], row["val_acc_std"])),
+            "test acc %": percent((row["test_acc_mean"], row["test_acc_std"])),
+            "known": "{} / {}".format(*row["known_train_val"]) if row["known_train_val"] else "-"}
 
 # ---------------------------------------------------------------------------------------------
 # Run plumbing the three loops share: hardware, per-step seeds, lr, EMA, progress lines, exact
 # resume, pause and Ctrl-C. Each piece is called visibly from the loops above.
+
+POSITIVE = {"steps", "epochs", "batch_size", "lr", "runs", "eval_every", "eval_train", "log_every",
+            "blocks", "emb_dim", "sigma_data", "p_std", "sampler_steps", "fid_samples", "sample_batch",
+            "val_size", "repeats"}  # every other number (but p_mean, a log) must not be negative
+
+def check_numbers(cfg, below=None):
+    """Before any work, one line for the first number out of range: those in POSITIVE must be
+    positive, the others not negative, and those in `below` ({name: bound}) under their bound."""
+    below = below or {}
+    for name, value in asdict(cfg).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if name in below and not 0 <= value < below[name]:
+            raise UserError(f"--{name.replace('_', '-')} must lie in [0, {below[name]}), got {value}")
+        if (value < 0 and name != "p_mean") or (name in POSITIVE and value == 0) or (name == "seed" and value > 1e9):
+            rule = "positive" if name in POSITIVE else "at most 1e9" if name == "seed" else "at least 0"
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+
+def budget_penalty(value, limit, inclusive):
+    """Coursework penalty in marks: 5 for every 10 % (or part of it) over the limit (at it, if strict)."""
+    over = value - limit
+    if over < 0 or (over == 0 and inclusive):
+        return 0
+    return 5 * max(1, -(-over * 10 // limit))  # ceil(over / (10 % of limit)), in integers
+
+def enforce_budget(name, value, limit, inclusive, allow_penalty):
+    """Print the count against its limit; refuse it when over unless the user accepts the penalty."""
+    rule = f"at most {limit:,}" if inclusive else f"under {limit:,}"
+    print(f"> {name} {value} (budget: {rule})")
+    penalty = budget_penalty(value, limit, inclusive)
+    if penalty and not allow_penalty:
+        raise UserError(f"{name.lower()} {value:,} breaks the budget ({rule}); reduce it, or pass "
+                        f"--allow-penalty to accept the coursework penalty of -{penalty} marks")
+    if penalty:
+        print(f"! over budget: {name.lower()} {value:,} costs -{penalty} marks under the coursework rules")
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 Hardware = namedtuple("Hardware", "device precision")  # torch.device and "fp32" | "bf16" | "fp16"
 
 def pick_hardware(cfg):
     """Device, mixed precision and determinism, printed once. bf16 autocast where the GPU has fast bf16
     (Ampere and newer), fp16 with a GradScaler on older GPUs (T4, V100), fp32 on the CPU (its bf16
-    convolutions are slow). Deterministic kernels make a seeded GPU run repeat (the CPU always does)."""
+    convolutions are slow). Deterministic kernels make a seeded GPU run repeat (the CPU always does): every
+    op of the step loops and samplers has one (test_mm checks them against PyTorch's list), and strict mode
+    makes attention's backward take its deterministic path and any op without one raise, not differ."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -900,7 +924,7 @@ def pick_hardware(cfg):
     if device.type == "cuda":
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cfg.deterministic, not cfg.deterministic
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable matmuls
-        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)  # warn, never fail, on the rest
+        torch.use_deterministic_algorithms(cfg.deterministic)
     print(f"device {device} | precision {precision} | deterministic {cfg.deterministic or device.type == 'cpu'}")
     return Hardware(device, precision)
 
@@ -941,21 +965,6 @@ def set_lr(opt, lr):
         group["lr"] = lr
     return lr
 
-def ema_decay(limit, step):
-    """(1 + step)/(10 + step), capped at `limit`: the average would otherwise remember the random
-    initial weights, so its memory starts short (0.1 at step 0, 0.9 at step 80) and grows."""
-    return min(limit, (1 + step) / (10 + step))
-
-def power_ema_decay(sigma_rel, step):
-    """The power-function EMA of Karras et al. 2024 (EDM2, Sec. 3.1): after t = step + 1 updates the decay
-    is (1 - 1/t)^(γ+1), so the average spans the same fraction of the run however long it is. γ solves
-    σ_rel² = (γ+1) / ((γ+2)² (γ+3)) (EDM2 Eq. 3), a cubic; σ_rel 0.04 (γ 22.0) ends a 50,000-step run
-    at a decay of 0.99954, close to a plain EMA of 0.9995."""
-    if sigma_rel == 0:
-        return 0.0
-    gamma = np.roots([1, 7, 16 - sigma_rel ** -2, 12 - sigma_rel ** -2]).real.max()
-    return (1 - 1 / (step + 1)) ** (gamma + 1)
-
 @torch.no_grad()
 def ema_update(ema, model, decay):
     """ema <- decay ema + (1 - decay) model over weights and BN statistics (Polyak averaging), as one
@@ -967,14 +976,29 @@ def ema_update(ema, model, decay):
         if not e.dtype.is_floating_point:
             e.copy_(m)
 
-def log_line(done, total, end, since, **values):
-    """Print `step   100/10000 | loss 0.4321 | lr 1.0e-03 | 3.2 ms/step | eta 0:31`; since = (step, time)
-    of the previous line or evaluation; the ETA covers the steps left to `end`. -> the new `since`."""
-    ms = 1000 * (time.time() - since[1]) / max(1, done - since[0])
-    shown = "".join(f" | {name.replace('_', ' ')} {value}" for name, value in values.items())
-    print(f"step {done:{len(str(total))}d}/{total}{shown} | {ms:.1f} ms/step | "
-          f"eta {fmt_time(ms * (end - done) / 1000)}", flush=True)
-    return done, time.time()
+class Progress:
+    """A loop's log lines, `step  100/10000 | loss 0.4321 | acc 0.9120 | lr 1.0e-03 | 3.2 ms/step | eta 0:31`.
+    The named per-step values are summed on the device (no host sync per step); a line shows their means
+    over exactly the steps since the last line, and ms/step over those steps' own time: what runs inside
+    aside() (evaluations, checkpoints, grids) counts for neither. The ETA covers the steps left to `end`."""
+    def __init__(self, done, total, end, *names):
+        self.total, self.end, self.names, self.last, self.sums, self.t0 = total, end, names, done, 0, time.time()
+    def add(self, *values):  # one step's 0-d tensors, in the order of `names`
+        self.sums = self.sums + torch.stack(values).detach().float()
+    @contextlib.contextmanager
+    def aside(self):
+        t0 = time.time()
+        yield
+        self.t0 += time.time() - t0
+    def line(self, done, **text):
+        """Print the line for the steps up to `done`; -> the means, in the order of `names`."""
+        means = [total / (done - self.last) for total in self.sums.tolist()]  # a float32 sum, a float64 mean
+        ms = 1000 * (time.time() - self.t0) / (done - self.last)
+        shown = [f"{k} {v:.4f}" for k, v in zip(self.names, means)] + [f"{k} {v}" for k, v in text.items()]
+        print(f"step {done:{len(str(self.total))}d}/{self.total} | {' | '.join(shown)} | {ms:.1f} ms/step | "
+              f"eta {fmt_time(ms * (self.end - done) / 1000)}", flush=True)
+        self.last, self.sums, self.t0 = done, 0, time.time()
+        return means
 
 STOP = []  # the first Ctrl-C (or SIGTERM) lands here; the loops check it after every step
 
@@ -999,19 +1023,26 @@ def stop_point(pause_at, done, total, unit="step"):
 def paused(done, cfg, unit="step"):
     print(f"paused after {unit} {done:,} as asked (--pause-at); continue with --resume --out {cfg.out}")
 
-def states(**objects):
-    return {name: obj.state_dict() for name, obj in objects.items()}
+# What a --resume may change: where files go, how often to print, hardware, and generate's sampling
+# (it acts after training). Every other field shapes the trajectory: a checkpoint continues only
+# with the values it was trained with.
+RESUME_FREE = {"data_dir", "out", "allow_penalty", "runs", "compare", "eval_every", "log_every", "device",
+               "precision", "deterministic", "resume", "sample_only", "pause_at", "ckpt",
+               "sampler_steps", "guidance", "guide_min", "guide_max", "churn", "fid_samples", "sample_batch"}
 
-def save_checkpoint(path, state):
-    """Atomic save (a .tmp renamed into place): an interrupted write never clobbers the last one."""
+def save_checkpoint(path, command, cfg, objects, **record):
+    """The objects' states, the config and the run's record, saved atomically (a .tmp renamed into
+    place): an interrupted write never clobbers the last checkpoint."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(state, path + ".tmp")
+    states = {name: obj.state_dict() for name, obj in objects.items()}
+    torch.save(dict(command=command, config=asdict(cfg), **states, **record), path + ".tmp")
     os.replace(path + ".tmp", path)
 
-def load_checkpoint(path, command, cfg=None):
-    """A checkpoint of `command`, loaded to the CPU. Given cfg, every field outside RESUME_FREE must
-    equal the one it was trained with, or the resumed run would follow another schedule than its
-    record says; the error names each differing flag with both values."""
+def load_checkpoint(path, command, cfg, adopt=False):
+    """A checkpoint of `command`, loaded to the CPU, under one rule: its config has exactly cfg's
+    fields outside RESUME_FREE (a flag added or removed since changes what the run means) with cfg's
+    values (or the run would continue on another schedule than its record says); adopt: any values
+    (--sample-only takes them). One line names each field that breaks it."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     except Exception as e:  # truncated, empty, not a torch file, or holding arbitrary objects
@@ -1019,35 +1050,64 @@ def load_checkpoint(path, command, cfg=None):
     if not isinstance(ck, dict) or ck.get("command") != command:
         raise UserError(f"{path} is not a checkpoint of `mm.py {command}` {ck if isinstance(ck, str) else ''}"
                         f"; point at one it wrote, or start a new run")
-    if getattr(cfg, "sample_only", True) is False and "sample_every" in ck["config"]:  # the old schedule: refuse
-        raise UserError(f"{path} was trained with warm-up and EMA counted in steps (mm.py before the schedule "
-                        f"scaled with --steps); it cannot continue under today's schedule: start a new --out")
-    trained = {**asdict(type(cfg)()), **ck["config"]} if cfg else {}  # a newer field ran at its default
-    differ = [k for k in asdict(cfg) if k not in RESUME_FREE and trained[k] != getattr(cfg, k)] if cfg else []
+    trained, today, flag = ck["config"], asdict(cfg), lambda k: "--" + k.replace("_", "-")
+    odd = sorted(k for k in set(trained) ^ set(today) if k not in RESUME_FREE)
+    if odd:
+        raise UserError(f"{path} was written by another mm.py: " + ", ".join(
+            f"{flag(k)} {trained[k]} is no flag of this one" if k in trained else f"it has no {flag(k)}" for k in odd)
+            + "; rerun it with the mm.py that wrote it (git log), or start a new --out")
+    differ = [] if adopt else [k for k in today if k not in RESUME_FREE and trained[k] != today[k]]
     if differ:
-        flags = lambda values: " ".join(f"--{k.replace('_', '-')} {values[k]}" for k in differ)
-        raise UserError(f"{path} was trained with {flags(trained)}, not {flags(asdict(cfg))}; resume with "
+        flags = lambda values: " ".join(f"{flag(k)} {values[k]}" for k in differ)
+        raise UserError(f"{path} was trained with {flags(trained)}, not {flags(today)}; resume with "
                         f"the values it was trained with, or start a new --out")
     return ck
 
-def resume_from(ckpt_path, command, cfg, fresh, **objects):
-    """The run's record: `fresh`, or the checkpoint's, with the objects' states restored. A run trained
-    without fp16 saved an empty scaler state: an fp16 resume (a T4 continuing a CPU or A100 run) starts
-    its scaler fresh instead of failing."""
-    if not os.path.exists(ckpt_path):
+def resume_from(path, command, cfg, objects, figures=(), **fresh):
+    """The run's record: `fresh`, or the checkpoint's, with the objects' states restored. A finished
+    run whose result lacks one of today's `figures` is scored again (its loop takes no step). A run
+    trained without fp16 saved an empty scaler state: an fp16 resume (a T4 continuing a CPU or A100
+    run) starts its scaler fresh instead of failing."""
+    if not os.path.exists(path):
         return fresh
-    ck = load_checkpoint(ckpt_path, command, cfg)
+    ck = load_checkpoint(path, command, cfg)
+    missing = [f for f in figures if f not in (ck.get("result") or {})]
+    if ck.get("result") and missing:
+        print(f"{path} finished before mm.py reported {', '.join(missing)}: scoring it again")
+        ck["result"] = None
     if not ck.get("result"):
         for name, obj in objects.items():
-            if ck[name]:
+            if ck.get(name):
                 obj.load_state_dict(ck[name])
         unit = "epoch" if "epoch" in ck else "step"
-        print(f"resuming {ckpt_path} from {unit} {ck[unit]:,}")
+        print(f"resuming {path} from {unit} {ck[unit]:,}")
     return ck
 
+LEGACY_MARK = {"arch": "classify", "widths": "generate", "depth": "gradflow"}  # a field only that command has
+
+def recorded_command(folder):
+    """The command whose record `folder` holds (its config.json, metrics.json or bench.json names it; one
+    written before records did is known by LEGACY_MARK), or None for a folder with no record."""
+    for name in ("config.json", "metrics.json", "bench.json"):
+        if os.path.isfile(path := os.path.join(folder, name)):
+            try:
+                record = json.load(open(path))
+            except ValueError:
+                raise UserError(f"{path} is not a JSON record of mm.py; choose another folder") from None
+            config = record.get("config", record)
+            return record.get("command") or next((c for k, c in LEGACY_MARK.items() if k in config), "unknown")
+    return None
+
+def refuse_other_run(folder, command):
+    if recorded_command(folder) not in (None, command):
+        raise UserError(f"{folder} holds a run of `mm.py {recorded_command(folder)}`, not of {command}; "
+                        f"choose another folder")
+
 def check_run_folder(cfg, command, checkpoints=None, has_run=None):
-    """Before any work: --out holds a run (a checkpoint below it) exactly when --resume asks to continue
-    one, and each checkpoint to be continued ({path: its config}) was trained with that config."""
+    """Before any work: --out holds no other command's run, holds a run (a checkpoint below it)
+    exactly when --resume asks to continue one, and each checkpoint to be continued ({path: its
+    config}) was trained with that config."""
+    refuse_other_run(cfg.out, command)
     if has_run is None:
         has_run = bool(glob.glob(os.path.join(glob.escape(cfg.out), "**", "ckpt.pt"), recursive=True))
     if has_run and not cfg.resume:
@@ -1065,14 +1125,14 @@ def make_folder(path):
     except OSError as e:
         raise UserError(f"cannot write results under {path} ({e.strerror or e}); choose another --out") from None
 
-def start_record(cfg, n_train, resuming=None):
-    """config.json holds the config a run started with (a resume keeps it; metrics.json has the last).
-    The batch is checked against the data first: a refused run writes nothing."""
+def start_record(cfg, command, n_train, resuming=None):
+    """config.json holds the command and the config a run started with (a resume keeps it; metrics.json
+    has the last). The batch is checked against the data first: a refused run writes nothing."""
     if n_train < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {n_train:,} training images")
     make_folder(cfg.out)
     if not (cfg.resume if resuming is None else resuming):
-        save_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+        save_json(os.path.join(cfg.out, "config.json"), dict(command=command, **asdict(cfg)))
 
 def save_json(path, obj):
     """Write JSON atomically (a .tmp renamed into place): a reader never sees half a file."""
@@ -1116,9 +1176,9 @@ def tick_text(value, step):
     return f"{value:.{max(0, -power) + (round(step / 10 ** power, 1) == 2.5)}f}"
 
 def line_plot(path, lines, title, xlabel, ylabel, size=(975, 600), logy=False, percent=False, xlabels=None):
-    """Lines -> a chart PNG (a 3.25-inch paper column at 300 dpi by default) and their numbers in a CSV.
-    The legend has its own panel, so it never covers a curve; percent plots 100 y; logy plots log10 y
-    with a label per decade; xlabels [(x, text)] replaces the x ticks with rotated names."""
+    """Lines -> a chart PNG (a 3.25-inch paper column at 300 dpi by default) and their numbers in a
+    CSV. The legend has its own panel, so it never covers a curve; percent plots 100 y; logy plots
+    log10 y with a label per decade; xlabels [(x, text)] replaces the x ticks with rotated names."""
     W, H = size
     font = ImageFont.load_default(size=max(12, W // 40))
     fy = (lambda y: math.log10(max(y, 1e-30))) if logy else (lambda y: 100 * y if percent else y)
@@ -1174,13 +1234,15 @@ def line_plot(path, lines, title, xlabel, ylabel, size=(975, 600), logy=False, p
 GRID_TITLE = 24  # pixels of the title bar above an image grid
 
 def save_grid(path, images, nrow, title, scale=2, pad=2, gap_after=None):
-    """uint8 (N, 3, H, W) -> a PNG grid, nrow images a row, each scaled up `scale` times, under a title
-    bar; gap_after=k sets the first k columns apart (the query column of neighbours.png)."""
+    """uint8 (N, 3, H, W) -> a PNG grid, nrow images a row, each scaled up `scale` times, under a
+    title bar; gap_after=k sets the first k columns apart (the query column of neighbours.png)."""
     n, _, h, w = images.shape
     gap = 0 if gap_after is None else 8
     canvas = Image.new("RGB", (nrow * (w * scale + pad) + pad + gap,
                                math.ceil(n / nrow) * (h * scale + pad) + pad + GRID_TITLE), "white")
     font = ImageFont.load_default(size=14)
+    while font.getlength(title) > canvas.width - 2 * pad and font.size > 8:  # a title that fits its bar
+        font = ImageFont.load_default(size=font.size - 1)
     ImageDraw.Draw(canvas).text((pad, GRID_TITLE // 2), title, fill="black", font=font, anchor="lm")
     for i, img in enumerate(images.cpu()):
         tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((w * scale, h * scale), Image.NEAREST)
@@ -1215,7 +1277,7 @@ class ReportConfig:
     classify: str = ""  # a finished classify run folder (empty: leave the classifier out)
     generate: str = ""  # a finished generate run folder (empty: leave the generator out)
     gradflow: str = ""  # a finished gradflow run folder, e.g. from --compare (empty: leave it out)
-    scaling: str = ""  # a folder of finished classify runs at other steps or widths: accuracy against both
+    scaling: str = ""  # a folder of finished runs at other budgets (and real.json: real images' figures)
     out: str = "runs/report"  # folder for report.md, report.tex, the figures (PNG, 300 dpi) and CSVs
 
 TEX = {"\\": r"\textbackslash{}", "%": r"\%", "_": r"\_", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
@@ -1223,8 +1285,8 @@ TEX = {"\\": r"\textbackslash{}", "%": r"\%", "_": r"\_", "&": r"\&", "#": r"\#"
        "<": r"$<$", "σ": r"$\sigma$", "–": r"\textendash{}"}
 
 def tex(text):
-    """Escape LaTeX's specials in one pass (an escape is never escaped again); -{}- keeps a flag's two
-    hyphens from becoming an en dash."""
+    """Escape LaTeX's specials in one pass (an escape is never escaped again); -{}- keeps a flag's
+    two hyphens from becoming an en dash."""
     return re.sub(r"-(?=-)", "-{}", "".join(TEX.get(ch, ch) for ch in str(text)))
 
 class Report:
@@ -1256,8 +1318,8 @@ def penalty_line(params, param_limit, steps, step_limit):
     return f"penalty: {marks} marks (parameters {params:,} < {param_limit:,}; steps {steps:,} ≤ {step_limit:,})"
 
 def band_line(label, colour, curves, x_key, key):
-    """A Line of the mean of curves[run][key] across runs, shaded ± one std, at the x values every run
-    was evaluated at (a run evaluated more often adds nothing the others lack)."""
+    """A Line of the mean of curves[run][key] across runs, shaded ± one std, at the x values every
+    run was evaluated at (a run evaluated more often adds nothing the others lack)."""
     xs = sorted(set.intersection(*(set(c[x_key]) for c in curves)))
     values = np.array([[dict(zip(c[x_key], c[key]))[x] for x in xs] for c in curves], dtype=np.float64)
     mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(len(xs))
@@ -1267,9 +1329,7 @@ def report_classifier(rep, m):
     rep.line("Classifier (AddNIST)", heading=True)
     rep.line(penalty_line(m["params"], CLASSIFY_PARAM_LIMIT, m["steps"], CLASSIFY_STEP_LIMIT))
     rep.table(f"Classifier: final figures, mean ± std over {m['runs']} seed(s)", [
-        {"parameters": f"{m['params']:,}", "steps": f"{m['steps']:,}",
-         "train loss": "{train_loss_mean:.4f} ± {train_loss_std:.4f}".format(**m),
-         **{f"{s} acc %": percent((m[f"{s}_acc_mean"], m[f"{s}_acc_std"])) for s in ("train", "test")}}])
+        {"parameters": f"{m['params']:,}", "steps": f"{m['steps']:,}", **classify_row(m)}])
     curves = [r["curves"] for r in m["per_run"]]
     line_plot(os.path.join(rep.out, "classifier_accuracy.png"),
               [band_line(f"{split} (mean ± std)", colour, curves, "step", f"{split}_acc")
@@ -1279,20 +1339,36 @@ def report_classifier(rep, m):
                                           f"{m['runs']} seed(s), shaded ± one standard deviation.")
 
 def scaling_points(folder):
-    """{(steps, params): {seed: result}} from every finished classify run in the sub-folders of `folder`."""
+    """{command: {(steps, size): {seed: figures}}} from the finished runs in the sub-folders of `folder`: a
+    classify run's results (size: its parameters), a generate run's reader.json (the digit reader's last
+    row, on the stand-in) or else its quality panel (size: its batch)."""
     points = {}
     for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*", "metrics.json"))):
-        m = json.load(open(path))
-        for r in m.get("per_run", []) if "test_acc_mean" in m else []:
-            points.setdefault((m["steps"], m["params"]), {})[r["seed"]] = r
+        m, command, reader = json.load(open(path)), recorded_command(os.path.dirname(path)), path[:-12] + "reader.json"
+        if command == "classify":
+            for r in m["per_run"]:
+                points.setdefault(command, {}).setdefault((m["steps"], m["params"]), {})[r["seed"]] = r
+        elif command == "generate":
+            figures = json.loads(open(reader).read().splitlines()[-1]) if os.path.exists(reader) else m
+            points.setdefault(command, {}).setdefault((m["steps"], m["config"]["batch_size"]), {})[
+                m["config"]["seed"]] = figures
     if not points:
-        raise UserError(f"--scaling {folder}: no sub-folder holds a finished classify run (metrics.json)")
+        raise UserError(f"--scaling {folder}: no sub-folder holds a finished classify or generate run (metrics.json)")
     return points
 
+def mean_lines(chosen, keys):
+    """chosen [(x, {seed: figures})], keys [(label, key, scale)] -> log10 x, and a Line per key: the mean over
+    seeds of scale * figures[key], shaded ± one std."""
+    xs, lines = [math.log10(x) for x, _ in chosen], []
+    for i, (label, key, scale) in enumerate(keys):
+        mean, std = scale * np.array([mean_std([r[key] for r in runs.values()]) for _, runs in chosen]).T
+        lines.append(Line(label, xs, mean.tolist(), PALETTE[i], ((mean - std).tolist(), (mean + std).tolist())))
+    return xs, lines
+
 def report_scaling(rep, points):
-    """The coursework's scaling questions from complete runs (each with its own schedule): test accuracy
-    and the train - test gap against steps (at the commonest width) and against parameters (at the
-    commonest step count), seeds pooled per point, log x, the budget limits marked."""
+    """The coursework's scaling questions from complete runs (each with its own schedule): test
+    accuracy and the train - test gap against steps (at the commonest width) and against parameters
+    (at the commonest step count), seeds pooled per point, log x, the budget limits marked."""
     rep.line("Classifier scaling: steps and parameters", heading=True)
     rep.table("Complete runs at other budgets: test accuracy and train - test gap, mean ± std over seeds, and "
               "the marks the coursework deducts past a limit", [
@@ -1308,10 +1384,7 @@ def report_scaling(rep, points):
         chosen = sorted((p[1 - held], runs) for p, runs in points.items() if p[held] == common)
         if len(chosen) < 2:
             continue
-        xs, lines = [math.log10(x) for x, _ in chosen], []
-        for split, colour in (("train", PALETTE[0]), ("test", PALETTE[1])):
-            mean, std = np.array([mean_std([r[f"{split}_acc"] for r in runs.values()]) for _, runs in chosen]).T
-            lines.append(Line(split, xs, mean.tolist(), colour, ((mean - std).tolist(), (mean + std).tolist())))
+        xs, lines = mean_lines(chosen, [("train", "train_acc", 1), ("test", "test_acc", 1)])
         lines.append(Line(f"limit {limit}", [math.log10(limit)] * 2, [min(lines[1].band[0]), max(lines[0].band[1])],
                           (150, 150, 150)))
         line_plot(os.path.join(rep.out, f"scaling_{axis}.png"), lines, f"AddNIST accuracy against {axis}",
@@ -1320,11 +1393,37 @@ def report_scaling(rep, points):
         rep.figure(f"scaling_{axis}.png", f"Train and test accuracy of complete runs against {axis} (mean ± std "
                                           f"over seeds; the gap is the distance between the lines); grey: the limit.")
 
+READER = [("both digits right", "both", 0.01), ("precision", "precision", 1), ("recall", "recall", 1),
+          ("coverage", "coverage", 1), ("reader FD", "reader_fd", 1)]  # reader.json's figures, as fractions
+PANEL = [("precision", "precision", 1), ("recall", "recall", 1), ("coverage", "coverage", 1), ("FID", "fid", 1)]
+
+def report_generator_scaling(rep, points, real):
+    """Generator quality against steps at the commonest batch: realism and diversity, then the Fréchet
+    distance, mean ± std over seeds, log x; the real test images' figures (`real`, if given) as pale lines."""
+    rep.line("Generator quality against steps", heading=True)
+    batch = max(set(b for _, b in points), key=lambda v: sum(b == v for _, b in points))
+    chosen = sorted((steps, runs) for (steps, b), runs in points.items() if b == batch)
+    keys = READER if all("reader_fd" in r for _, runs in chosen for r in runs.values()) else PANEL
+    text = lambda key, scale, runs: "{:.3f} ± {:.3f}".format(*(scale * v for v in mean_std([r[key] for r in runs])))
+    rep.table(f"Generator: complete runs at batch {batch} (each with its own schedule), mean ± std over seeds", [
+        {"steps": f"{steps:,}", "seeds": len(runs), **{label: text(key, scale, runs.values())
+                                                       for label, key, scale in keys}} for steps, runs in chosen]
+        + ([{"steps": "real test images", "seeds": "", **{label: f"{scale * real[key]:.3f}"
+                                                          for label, key, scale in keys}}] if real else []))
+    for name, group in (("quality", keys[:-1]), ("fd", keys[-1:])):
+        what, (xs, lines) = "realism and diversity" if name == "quality" else group[0][0], mean_lines(chosen, group)
+        lines += [Line(f"real {label}", [xs[0], xs[-1]], [scale * real[key]] * 2, tuple((c + 255) // 2 for c in
+                       PALETTE[i])) for i, (label, key, scale) in enumerate(group)] if real else []
+        line_plot(os.path.join(rep.out, f"generator_{name}.png"), lines, f"generator {what} against steps (batch "
+                  f"{batch})", "steps (log scale; log10 in the CSV)", "fraction" if name == "quality" else "distance",
+                  xlabels=[(x, f"{v:,}") for x, (v, _) in zip(xs, chosen)])
+        rep.figure(f"generator_{name}.png", f"Generator {what} of complete runs against steps (mean ± std over "
+                                            f"seeds); pale: the real test images.")
+
 def report_generator(rep, m, folder):
     rep.line("Generator (CIFAR-100)", heading=True)
     rep.line(penalty_line(m["params"], GENERATE_PARAM_LIMIT, m["steps"], GENERATE_STEP_LIMIT))
-    rep.line(f"sampler: {m['sampler']}, {m['sampler_steps']} steps, NFE {m['nfe']}, guidance "
-             f"{m['guidance']}; {m['fid_samples']:,} samples scored against the CIFAR-100 test split")
+    rep.line(generate_row(m) + " (against the CIFAR-100 test split)")
     rep.table("Generator: the quality panel (realism, diversity, uniqueness)", [
         {"metric": k, "value": "null" if m.get(k) is None else f"{m[k]:.4g}"} for k in fid.PANEL_MEANING if k in m])
     for name, caption in (("samples.png", "64 samples, the first of the run (not cherry-picked)."),
@@ -1339,14 +1438,9 @@ def report_depth_study(rep, m, folder):
     rep.line("Depth study (CIFAR-100)", heading=True)
     runs = {row["name"]: [json.load(open(path)) for path in sorted(glob.glob(os.path.join(
         glob.escape(run_folder(folder, row["name"])), "seed*", "metrics.json")))] for row in m["table"]}
-    last = lambda name, key: mean_std([r["curves"][key][-1] for r in runs[name]])
-    loss = lambda name, key: "{:.3f} ± {:.3f}".format(*last(name, key))
     rep.table(f"Depth study: the final epoch's figures, and test accuracy of the best-validation epoch's "
-              f"weights; mean ± std over {m['table'][0]['runs']} seed(s)", [
-        {"model": row["name"], "lr": f"{row['lr']:.0e}", "params": f"{row['params']:,}",
-         "train loss": loss(row["name"], "train_loss"), "train acc %": percent(last(row["name"], "train_acc")),
-         "val loss": loss(row["name"], "val_loss"), "val acc %": percent(last(row["name"], "val_acc")),
-         "test acc %": percent((row["test_acc_mean"], row["test_acc_std"]))} for row in m["table"]])
+              f"weights; mean ± std over {m['table'][0]['runs']} seed(s); known = published train / val %",
+              [depth_row(row) for row in m["table"]])
     lines = [band_line(f"{name}, {split}", tuple(v // (1 + (split == "val")) for v in PALETTE[i % len(PALETTE)]),
                        [r["curves"] for r in per], "epoch", f"{split}_acc")
              for i, (name, per) in enumerate(runs.items()) for split in ("train", "val")]
@@ -1366,22 +1460,30 @@ def report(cfg):
     named = {c: getattr(cfg, c) for c in ("classify", "generate", "gradflow") if getattr(cfg, c)}
     if not named and not cfg.scaling:
         raise UserError("name at least one finished run: --classify, --generate, --gradflow or --scaling DIR")
+    for command, folder in [*named.items(), ("report", cfg.out)]:  # refused before anything is written
+        refuse_other_run(folder, command)
     found = {c: json.load(open(os.path.join(d, "metrics.json"))) for c, d in named.items()
              if os.path.isfile(os.path.join(d, "metrics.json"))}
     for command in set(named) - set(found):
-        print(f"{command}: {named[command]} has no metrics.json (unfinished, or not a {command} run); left out")
-    if cfg.scaling:
-        found["scaling"] = scaling_points(cfg.scaling)  # refused before anything is written
+        print(f"{command}: {named[command]} has no metrics.json (an unfinished run); left out")
+    if cfg.scaling:  # refused before anything is written
+        found.update({f"{c}_scaling": p for c, p in scaling_points(cfg.scaling).items()})
+    real = os.path.join(cfg.scaling, "real.json")  # the real test images' figures beside generate runs
+    real = json.load(open(real)) if cfg.scaling and os.path.isfile(real) else None
     if not found:
         raise UserError("none of the named runs has finished (no metrics.json); nothing to report")
     make_folder(cfg.out)
     rep = Report(cfg.out)
-    sections = dict(classify=lambda m: report_classifier(rep, m), scaling=lambda m: report_scaling(rep, m),
+    sections = dict(classify=lambda m: report_classifier(rep, m), classify_scaling=lambda m: report_scaling(rep, m),
+                    generate_scaling=lambda m: report_generator_scaling(rep, m, real),
                     generate=lambda m: report_generator(rep, m, cfg.generate),
                     gradflow=lambda m: report_depth_study(rep, m, cfg.gradflow))
-    for name, draw in sections.items():  # in this order, each section that has a finished run
-        if name in found:
-            draw(found[name])
+    for name in [name for name in sections if name in found]:  # in this order, each with a finished run
+        try:
+            sections[name](found[name])
+        except KeyError as e:  # a record written before mm.py reported that figure
+            raise UserError(f"the {name} record has no {e}: an older mm.py wrote it; --resume that run to "
+                            f"score it again") from None
     with open(os.path.join(cfg.out, "report.md"), "w") as f:
         f.write("# Results\n\n" + "\n".join(rep.md))
     with open(os.path.join(cfg.out, "report.tex"), "w") as f:  # \input{report} in a paper
@@ -1426,6 +1528,7 @@ def train_step(model, loss_fn, hw):
 def bench(cfg):
     """`python mm.py bench`: time the default training steps, the sampler and Inception; bench.json."""
     check_numbers(cfg)
+    refuse_other_run(cfg.out, "bench")
     hw = pick_hardware(cfg)
     dev, c, g, v = hw.device, ClassifyConfig(), GenerateConfig(), GradflowConfig()
     torch.manual_seed(0)
@@ -1454,13 +1557,15 @@ def bench(cfg):
                   "per second": f"{1 / r['seconds_each']:,.1f}", "count": f"{r['count']:,}",
                   "time for the count": fmt_time(r["seconds_each"] * r["count"])} for r in rows])
     make_folder(cfg.out)
-    save_json(os.path.join(cfg.out, "bench.json"), {"device": str(dev), "mixed_precision": hw.precision,
+    save_json(os.path.join(cfg.out, "bench.json"), {"command": "bench", "device": str(dev), "mixed_precision": hw.precision,
                                                     "torch": torch.__version__, "rows": rows})
     print(f"wrote {cfg.out}/bench.json (count: the steps of a full run, or the samples / images FID needs)")
 
 # ---------------------------------------------------------------------------------------------
 # Command line: argparse subcommands built from the config dataclasses, so --help lists every knob
 
+CHOICES = {"train_on": ("train", "train+valid"), "depth": (8, 38),
+           "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16")}
 COMMANDS = {"classify": (ClassifyConfig, classify, "train the AddNIST classifier under its budget"),
             "generate": (GenerateConfig, generate, "train the CIFAR-100 diffusion model under its budget, score it"),
             "gradflow": (GradflowConfig, gradflow, "depth study: VGG_08 vs VGG_38 on CIFAR-100, gradient flow"),

@@ -4,8 +4,8 @@ Offline, CPU only, seeded. Each test checks our code against a reference, a clos
 that a wrong program breaks. Downloads are tested against a local HTTP server on 127.0.0.1 that serves
 fixture files written here in the official formats; nothing here needs ../shared or the internet.
 """
-import atexit, concurrent.futures, contextlib, copy, csv, hashlib, http.server, io, itertools, json, math, os, pickle
-import shutil, subprocess, sys, tarfile, tempfile, threading, time, traceback, types, zipfile
+import atexit, concurrent.futures, contextlib, copy, csv, glob, hashlib, http.server, io, itertools, json, math, os
+import pickle, shutil, subprocess, sys, tarfile, tempfile, threading, time, traceback, types, zipfile
 from dataclasses import replace
 from unittest import mock
 
@@ -100,7 +100,6 @@ def cifar100_tar_bytes(n_train=20, n_test=10, seed=0, smooth=False):
 def http_server(routes):
     """Serve {path: (status, body, claimed_length or None)} on 127.0.0.1; yields (base_url, hit counter)."""
     hits = []
-
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             hits.append(self.path)
@@ -110,10 +109,8 @@ def http_server(routes):
             self.end_headers()
             self.wfile.write(body)  # when claimed > len(body), the client sees a truncated transfer
             self.close_connection = True
-
         def log_message(self, *args):
             pass
-
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -156,6 +153,29 @@ def tiny_cifar(n_train=24, n_test=16, smooth=False, root=None):
     with patched(data, CIFAR100_MD5=hashlib.md5(blob).hexdigest(), CIFAR100_BYTES=len(blob)), \
             patched(fid, WEIGHTS_URL=closed_url() + "/w.pth"):
         yield os.path.dirname(path)
+
+TINY = {"classify": (mm.classify, tiny_cfg, 3), "generate": (mm.generate, tiny_gen_cfg, 3),
+        "gradflow": (mm.gradflow, tiny_gradflow_cfg, 1)}  # command: (its function, tiny config, half its length)
+SHARED = {}  # the tiny datasets, and the runs trained once on them that tests take copies of
+
+def shared_data():
+    """(AddNIST root, CIFAR-100 root): the tiny datasets of the shared runs, written once."""
+    if not SHARED:
+        SHARED["addnist"], SHARED["cifar"] = write_addnist(tmpdir()), tmpdir()
+        open(os.path.join(SHARED["cifar"], "cifar-100-python.tar.gz"), "wb").write(cifar100_tar_bytes(24, 16))
+    return SHARED["addnist"], SHARED["cifar"]
+
+def run_copy(command, paused=False):
+    """A copy of the tiny `command` run (6 steps; gradflow: 2 epochs), finished or paused half way, which is
+    trained once per session. -> (its data root, the copy)"""
+    root = shared_data()[command != "classify"]
+    if (command, paused) not in SHARED:
+        fn, make_cfg, half = TINY[command]
+        with tiny_cifar(root=shared_data()[1]):
+            quiet(fn, make_cfg(root, out := tmpdir(), pause_at=half if paused else 0))
+        SHARED[command, paused] = out
+    shutil.copytree(SHARED[command, paused], copy := tmpdir(), dirs_exist_ok=True)
+    return root, copy
 
 # ---------------------------------------------------------------------------------------------
 # The classifier's pieces against references
@@ -229,6 +249,11 @@ def test_budgets_refused_unless_penalty_accepted():
     with patched(mm, CLASSIFY_STEP_LIMIT=4):
         m, out = quiet(mm.classify, tiny_cfg(root, tmpdir(), steps=6, allow_penalty=True))
     assert "-25 marks" in out and m["steps"] == 6, out  # 6 steps is 50 % over 4: 5 x 5
+    croot, part = run_copy("generate", paused=True)
+    with tiny_cifar(root=croot):  # the generator's budgets, for a new run and a resumed one
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(croot, part, resume=True, steps=50_001)), "budget")
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(croot, tmpdir(), widths="64,128,256")), "1,000,000")
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(croot, tmpdir(), steps=50_001)), "50,001", "-5 marks")
 
 def test_augmentation_decays_linearly_to_nothing():
     seen, real = [], mm.augment_digits
@@ -270,24 +295,26 @@ def test_seeded_runs_repeat_and_seed_k_of_many_equals_seed_k_alone():
     assert rows[0] == "label,x,y,band_low,band_high" and len(rows) == 1 + 2 * 2 * 2  # 2 runs x train/test x 2 evals
     assert all(len(r) == 5 for r in csv.reader(rows)) and rows[1].startswith('"train, seed 0",3,')  # quoted
 
-def test_classify_resume_is_exact():
-    root = write_addnist(tmpdir())
-    straight, _ = quiet(mm.classify, tiny_cfg(root, out1 := tmpdir()))
+def test_paused_and_resumed_runs_equal_unbroken_ones():
     # Paused after 3 of 6 steps, then resumed: the same batches, noise and weights as straight through.
-    assert quiet(mm.classify, tiny_cfg(root, out2 := tmpdir(), pause_at=3))[0] is None
-    assert torch.load(os.path.join(out2, "run0", "ckpt.pt"), weights_only=True)["step"] == 3
-    resumed, log = quiet(mm.classify, tiny_cfg(root, out2, resume=True))
-    assert "from step 3" in log
-    a = torch.load(os.path.join(out1, "run0", "ckpt.pt"), weights_only=True)
-    b = torch.load(os.path.join(out2, "run0", "ckpt.pt"), weights_only=True)
-    assert b["step"] == 6  # 3 + the remaining 3, not 3 + 6
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    for command, weights, record in (("generate", "ema", "samples.npz"), ("classify", "model", "metrics.json")):
+        fn, make_cfg, _ = TINY[command]
+        (root, straight), (_, part) = run_copy(command), run_copy(command, paused=True)
+        with tiny_cifar(root=shared_data()[1]):
+            resumed, log = quiet(fn, make_cfg(root, part, resume=True))
+        a, b = (torch.load(glob.glob(os.path.join(d, "**", "ckpt.pt"), recursive=True)[0], weights_only=True)
+                for d in (straight, part))
+        assert "from step 3" in log and b["step"] == 6  # 3 + the remaining 3, not 3 + 6
+        assert all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights])
+        files = [os.path.join(d, record) for d in (straight, part)]
+        if command == "generate":
+            assert np.array_equal(*(np.load(f)["images"] for f in files))  # the same samples
+    straight = json.load(open(files[0]))
     assert resumed["per_run"][0]["curves"] == straight["per_run"][0]["curves"]
-    again, log = quiet(mm.classify, tiny_cfg(root, out2, resume=True))  # finished: nothing is retrained
+    again, log = quiet(mm.classify, tiny_cfg(root, part, resume=True))  # finished: nothing is retrained
     assert "already finished" in log and again["test_acc_mean"] == straight["test_acc_mean"]
-    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out2)), "--resume")  # never overwrites silently
-    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out2, resume=True, steps=10_001)), "budget")
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, part)), "--resume")  # never overwrites silently
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, part, resume=True, steps=10_001)), "budget")
     expect_error(lambda: quiet(mm.classify, tiny_cfg(root, tmpdir(), resume=True)), "holds no checkpoint")
 
 def test_train_only_runs_score_the_held_out_valid_split():
@@ -299,6 +326,14 @@ def test_train_only_runs_score_the_held_out_valid_split():
     model.load_state_dict(torch.load(os.path.join(out, "run0", "ckpt.pt"), weights_only=True)["ema"])
     x, y = (torch.from_numpy(a) for a in data.load_split("addnist", "valid", root))
     assert (m["per_run"][0]["valid_loss"], m["per_run"][0]["valid_acc"]) == mm.evaluate(model, x, y, tta=True)
+    # A run finished before the valid split was scored: --resume scores it (its loop takes no step)
+    path = os.path.join(out, "run0", "ckpt.pt")
+    ck = torch.load(path, weights_only=True)
+    ck["result"] = {k: v for k, v in ck["result"].items() if not k.startswith("valid")}
+    torch.save(ck, path)
+    again, log = quiet(mm.classify, tiny_cfg(root, out, train_on="train", resume=True))
+    assert "scoring it again" in log and again["valid_acc_mean"] == m["valid_acc_mean"]
+    assert again["test_acc_mean"] == m["test_acc_mean"] and again["steps"] == 6
 
 def test_every_flag_is_documented_in_help():
     for command, cls in (("classify", mm.ClassifyConfig), ("gradflow", mm.GradflowConfig),
@@ -328,11 +363,9 @@ def test_edm_scalings_and_schedule_closed_forms():
 class RecordingNet:
     """Stands in for the U-Net: records the labels edm_loss embeds and what it feeds the net, denoises nothing."""
     n_classes = 100
-
     def class_embed(self, labels):
         self.labels = labels
         return torch.zeros(len(labels), 4)
-
     def __call__(self, x, sigma, emb):
         self.seen = (x.detach(), sigma.detach())
         return x
@@ -356,11 +389,9 @@ def test_forward_noising_and_label_dropout_match_their_distributions():
 class GaussianDenoiser(torch.nn.Module):
     """The exact denoiser of data ~ N(0, s_d² I): D(x; σ) = x s_d² / (σ² + s_d²)."""
     n_classes = 100
-
     def __init__(self, sd=0.5):
         super().__init__()
         self.sd, self.class_embed = sd, torch.nn.Embedding(101, 4)
-
     def forward(self, x, sigma, emb):
         return x * self.sd ** 2 / (sigma[:, None, None, None] ** 2 + self.sd ** 2)
 
@@ -381,7 +412,6 @@ def test_heun_sampler_solves_the_ode():
 class ClassShift(GaussianDenoiser):
     """The Gaussian denoiser pulled towards its class embedding's mean, counting the rows it denoises."""
     rows = 0
-
     def forward(self, x, sigma, emb):
         ClassShift.rows += len(x)
         return super().forward(x, sigma, emb) + emb.mean(1)[:, None, None, None] / (1 + sigma[:, None, None, None])
@@ -407,21 +437,9 @@ def test_guidance_interval_autoguidance_and_churn():
     assert abs(x.std() - 0.5) < 0.03 and (x - gauss(0.0)).abs().mean() > 0.1, x.std()
     assert mm.nfe(replace(cfg, guide_min=0.3, guide_max=5.0)) < mm.nfe(cfg) == 2 * (2 * 6 - 1)
 
-TRAINED = {}  # a tiny generator run shared by the tests that only read its outputs
-
-def tiny_trained_generator():
-    """(data root, out folder, metrics) of one tiny generate run, trained once per test session."""
-    if not TRAINED:
-        with tiny_cifar() as root:
-            out = tmpdir()
-            metrics, log = quiet(mm.generate, tiny_gen_cfg(root, out))
-        TRAINED.update(root=root, out=out, metrics=metrics, log=log)
-    return TRAINED
-
 def test_generate_writes_every_output_and_its_record():
-    run = tiny_trained_generator()
-    out, m = run["out"], json.load(open(os.path.join(run["out"], "metrics.json")))
-    assert "> Number of parameters" in run["log"] and "> Number of optimisation steps" in run["log"]
+    root, out = run_copy("generate")
+    m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["fid"] is None and "Inception weights" in m["fid_unavailable"]  # offline: null with the reason
     for key in ("params", "fid_samples", "sampler", "guidance", "wall_seconds", "train_seconds", "sample_seconds"):
         assert key in m, key
@@ -432,9 +450,12 @@ def test_generate_writes_every_output_and_its_record():
     from PIL import Image
     # tiles of 32x2 px, 2 px apart, under the title bar; neighbours: the query column set apart by 8 px
     for name, cols, rows, gap in (("samples", 8, 8, 0), ("interpolations", 10, 8, 0), ("neighbours", 4, 16, 8)):
-        assert Image.open(os.path.join(out, name + ".png")).size == (cols * 66 + 2 + gap, rows * 66 + 2 + mm.GRID_TITLE)
+        img = np.asarray(Image.open(os.path.join(out, name + ".png")).convert("L"))
+        assert img.shape == (rows * 66 + 2 + mm.GRID_TITLE, cols * 66 + 2 + gap)
+        ink = np.nonzero((img[:mm.GRID_TITLE] < 128).any(0))[0]
+        assert 0 < ink.max() < img.shape[1] - 2, name  # the title ends inside its bar, not cut at the edge
     assert len(m["neighbours"]["pixel_l2"]) == 16 and len(m["neighbours"]["pixel_l2"][0]) == 3
-    with tiny_cifar(root=run["root"]) as root:
+    with tiny_cifar(root=root):
         x_train = data.load_split("cifar100", "train", root)[0].astype(np.float64)
         # --sample-only: the sampler is deterministic, so the same checkpoint gives the same images
         quiet(mm.generate, tiny_gen_cfg(root, again := tmpdir(), sample_only=True, ckpt=os.path.join(out, "ckpt.pt")))
@@ -452,7 +473,6 @@ def test_generate_writes_every_output_and_its_record():
 def test_a_failure_while_scoring_keeps_the_samples_and_their_record():
     def broken(*args, **kw):  # as if the Inception step died with a bug after a whole training run
         raise RuntimeError("simulated failure inside scoring")
-
     with tiny_cifar() as root, patched(fid, load_inception=broken):
         out = tmpdir()
         try:
@@ -481,26 +501,6 @@ def test_interpolation_end_frames_are_the_samples():
         assert not torch.equal(frames[5 * p + 2], a[0])  # the midpoint is an image of its own
     mid = mm.slerp(za[0], zb[0], 0.5)
     assert abs(mid.norm() / za[0].norm() - 1) < 0.05  # slerp keeps a Gaussian sample's norm (lerp would shrink it)
-
-def test_generator_resume_is_exact():
-    with tiny_cifar(n_train=16, smooth=True) as root:
-        # Paused after 3 of 6 steps, then resumed == 6 straight (same batches, noise, weights).
-        straight, part = tmpdir(), tmpdir()
-        quiet(mm.generate, tiny_gen_cfg(root, straight))
-        assert quiet(mm.generate, tiny_gen_cfg(root, part, pause_at=3))[0] is None
-        assert torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)["step"] == 3
-        _, log = quiet(mm.generate, tiny_gen_cfg(root, part, resume=True))
-        a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
-        b = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
-        assert b["step"] == 6 and "from step 3" in log
-        for k in a["ema"]:
-            assert torch.equal(a["ema"][k], b["ema"][k]), k
-        assert np.array_equal(np.load(os.path.join(straight, "samples.npz"))["images"],
-                              np.load(os.path.join(part, "samples.npz"))["images"])
-        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, part, resume=True, steps=50_001)), "budget")
-        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), widths="64,128,256")), "1,000,000",
-                     "--allow-penalty")
-        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), steps=50_001)), "50,001", "-5 marks")
 
 def test_generator_loss_falls_on_a_tiny_dataset():
     with tiny_cifar(n_train=16, smooth=True) as root:
@@ -581,12 +581,12 @@ def test_crop_flip_moves_pixels_only():
     assert y.shape == x.shape and set(y.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
 
 def test_gradflow_runs_on_tiny_cifar_and_resumes():
-    with tiny_cifar(n_train=60, n_test=20) as root:
-        cfg = tiny_gradflow_cfg(root, out := tmpdir(), batch_size=10, val_size=10)
-        rows, log = quiet(mm.gradflow, cfg)
+    root, out = run_copy("gradflow")
+    with tiny_cifar(root=root):
+        cfg = tiny_gradflow_cfg(root, out)
         expect_error(lambda: quiet(mm.gradflow, cfg), "--resume")
-        _, log2 = quiet(mm.gradflow, replace(cfg, resume=True))
-    assert "already finished" in log2 and rows[0]["params"] == 59_716 and "VGG_08" in log
+        rows, log = quiet(mm.gradflow, replace(cfg, resume=True))
+    assert "already finished" in log and rows[0]["params"] == 59_716 and rows[0]["name"] == "VGG_08"
     m = json.load(open(os.path.join(run := os.path.join(out, "VGG_08", "seed0"), "metrics.json")))
     assert len(m["grad_flow"]) == 2 and len(m["grad_flow"][0]) == 8  # 7 convs + fc, per epoch
     assert all(v > 0 for v in m["grad_flow"][-1].values())
@@ -603,10 +603,11 @@ def test_interrupt_stops_at_the_next_step():
         expect_error(lambda: quiet(mm.gradflow, cfg), "interrupted in epoch 1", "no epoch had finished",
                      "repeats epoch 1")
         assert not any("ckpt.pt" in f for _, _, fs in os.walk(cfg.out) for f in fs)  # no half-epoch checkpoint
-        # generate draws progress.png every tenth of the run (here every step): a Ctrl-C while it draws
-        # keeps the checkpoint of the steps already taken, written before the grid
-        cfg = tiny_gen_cfg(croot, out := tmpdir())
-        expect_error(lambda: quiet(mm.generate, cfg), "interrupted while sampling", "--resume")
+        # with progress.png every tenth of the run (here every step), a Ctrl-C while a grid is drawn keeps
+        # the checkpoint of the steps already taken, written before the grid
+        with patched(mm, GRID_MIN_STEPS=1):
+            cfg = tiny_gen_cfg(croot, out := tmpdir())
+            expect_error(lambda: quiet(mm.generate, cfg), "interrupted while sampling", "--resume")
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == 1
 
 # ---------------------------------------------------------------------------------------------
@@ -615,106 +616,116 @@ def test_interrupt_stops_at_the_next_step():
 def counting_steps(optimizer_class):  # counts calls of optimizer_class.step: the steps a run really takes
     return mock.patch.object(optimizer_class, "step", autospec=True, side_effect=optimizer_class.step)
 
-def flags_in(msg, field, old, new):
-    flag = "--" + field.replace("_", "-")
-    assert f"{flag} {old}" in msg and f"{flag} {new}" in msg, msg
+REFUSED = [  # (command, field, value): a resume with another value would follow another schedule
+    ("classify", "steps", 8), ("classify", "warmup", 3), ("classify", "lr", 0.5), ("classify", "batch_size", 16),
+    ("classify", "arch", "8,M,8"), ("classify", "seed", 5), ("classify", "elastic", 0.0),
+    ("classify", "train_on", "train"), ("generate", "lr", 0.5), ("generate", "warmup", 0.5), ("generate", "ema", 0.1),
+    ("generate", "batch_size", 4), ("generate", "p_uncond", 0.5), ("generate", "autoguide", 0.5),
+    ("gradflow", "epochs", 1), ("gradflow", "lr", 0.5)]
 
-def test_classify_resume_refuses_another_schedule():
-    root, out = write_addnist(tmpdir()), tmpdir()
-    quiet(mm.classify, tiny_cfg(root, out, pause_at=3))
-    before = open(os.path.join(out, "run0", "ckpt.pt"), "rb").read()
-    for field, value in (("steps", 8), ("warmup", 3), ("lr", 0.5), ("batch_size", 16), ("arch", "8,M,8"),
-                         ("seed", 5), ("elastic", 0.0), ("train_on", "train")):
-        msg = expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out, resume=True, **{field: value})),
-                           "resume with the values it was trained with")
-        flags_in(msg, field, getattr(tiny_cfg(root, out), field), value)
-    assert open(os.path.join(out, "run0", "ckpt.pt"), "rb").read() == before  # refusals leave it untouched
-    _, log = quiet(mm.classify, tiny_cfg(root, out, resume=True, log_every=1, eval_every=2))  # free to change
-    assert "from step 3" in log
-    # A checkpoint written before a config field existed ran with that field's default: it resumes under the
-    # default and is refused under any other value.
-    old = tmpdir()
-    quiet(mm.classify, tiny_cfg(root, old, pause_at=3))
-    path = os.path.join(old, "run0", "ckpt.pt")
-    ck = torch.load(path, weights_only=True)
-    del ck["config"]["label_smoothing"]
-    torch.save(ck, path)
-    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, old, resume=True, label_smoothing=0.2)),
-                 "--label-smoothing 0.05")
-    assert "from step 3" in quiet(mm.classify, tiny_cfg(root, old, resume=True))[1]
+def test_one_resume_rule_for_every_command():
+    for command, (fn, make_cfg, _) in TINY.items():  # each command's paused run
+        root, out = run_copy(command, paused=True)
+        path = glob.glob(os.path.join(out, "**", "ckpt.pt"), recursive=True)[0]
+        before = open(path, "rb").read()
+        resume = lambda **kw: quiet(fn, make_cfg(root, out, resume=True, **kw))
+        for field, value in ((f, v) for c, f, v in REFUSED if c == command):  # both values named
+            msg = expect_error(lambda: resume(**{field: value}), "resume with the values it was trained with")
+            flag = "--" + field.replace("_", "-")
+            assert f"{flag} {getattr(make_cfg(root, out), field)}" in msg and f"{flag} {value}" in msg, msg
+        # A checkpoint with a field this mm.py lacks (a flag that has left), or without one it has, means
+        # something else: refused, naming the field, for a resume and for --sample-only alike.
+        ck = torch.load(path, weights_only=True)
+        for change, needle in (({"aug_floor": 0.5}, "--aug-floor 0.5 is no flag"), ({"lr": None}, "no --lr")):
+            ck["config"] = {k: v for k, v in {**ck["config"], **change}.items() if v is not None}
+            torch.save(ck, path)
+            with tiny_cifar(root=shared_data()[1]):
+                expect_error(resume, needle, "new --out")
+                if command == "generate":
+                    expect_error(lambda: quiet(fn, make_cfg(root, tmpdir(), sample_only=True, ckpt=path)), needle)
+            open(path, "wb").write(before)
+        assert open(path, "rb").read() == before  # refusals leave it untouched
+        with tiny_cifar(root=shared_data()[1]):  # where files go and how often to print may change
+            assert "from " in resume(log_every=1)[1]
+
+def test_recorded_means_cover_exactly_their_steps():
+    # A loss of 1 at every step: each mean printed or recorded reads 1, whatever the intervals (log lines
+    # every 4 steps, evaluations every 5, generate's checkpoints every step).
+    one = lambda out, *args, **kw: out.float().sum() * 0 + 1
+    one_gen = lambda net, *args: sum(p.sum() for p in net.parameters()) * 0 + 1
+    root, cifar = shared_data()
+    with patched(F, cross_entropy=one), patched(mm, edm_loss=one_gen), tiny_cifar(root=cifar):
+        logs = [quiet(mm.classify, tiny_cfg(root, tmpdir(), steps=12, eval_every=5, log_every=4))[1],
+                quiet(mm.gradflow, tiny_gradflow_cfg(cifar, tmpdir(), log_every=3))[1]]
+        m, log = quiet(mm.generate, tiny_gen_cfg(cifar, tmpdir(), steps=15, log_every=4))
+    losses = [float(line.split("| loss ")[1].split()[0]) for line in "".join(logs + [log]).splitlines()
+              if line.startswith("step")]
+    assert len(losses) == 3 + 3 + 4 and set(losses) == {1.0}, losses
+    assert m["loss_curve"] == {"step": [4, 8, 12, 15], "loss": [1.0] * 4}
+
+def test_progress_grids_are_few_and_only_in_long_runs():
+    drawn, real = [], mm.sample_images
+    spy = lambda net, labels, *args: drawn.append(len(labels)) or real(net, labels, *args)
+    with tiny_cifar(root=shared_data()[1]) as cifar, patched(mm, sample_images=spy):
+        quiet(mm.generate, cfg := tiny_gen_cfg(cifar, tmpdir(), steps=20))
+        assert drawn == [64] and not os.path.exists(os.path.join(cfg.out, "progress.png"))  # the samples only
+        with patched(mm, GRID_MIN_STEPS=20):  # a tenth of 20 steps: a grid at steps 2, 4, ..., 18
+            quiet(mm.generate, cfg := tiny_gen_cfg(cifar, tmpdir(), steps=20))
+    assert drawn == [64] + [64] * 9 + [64] and os.path.exists(os.path.join(cfg.out, "progress.png"))
+
+def test_another_commands_folder_is_refused_and_left_as_it_was():
+    root, cifar = shared_data()
+    runs = {command: run_copy(command)[1] for command in TINY}
+    before = snapshot(*runs.values())
+    with tiny_cifar(root=cifar):
+        for command, (fn, make_cfg, _) in TINY.items():
+            for other, folder in runs.items():
+                if other != command:
+                    expect_error(lambda: quiet(fn, make_cfg(root if command == "classify" else cifar, folder)),
+                                 f"holds a run of `mm.py {other}`")
+        expect_error(lambda: quiet(mm.report, mm.ReportConfig(classify=runs["generate"], out=tmpdir())),
+                     "`mm.py generate`, not of classify")
+        expect_error(lambda: quiet(mm.report, mm.ReportConfig(classify=runs["classify"], out=runs["gradflow"])),
+                     "`mm.py gradflow`, not of report")
+        expect_error(lambda: quiet(mm.bench, mm.BenchConfig(out=runs["classify"])), "`mm.py classify`")
+    assert snapshot(*runs.values()) == before
+    for command, folder in runs.items():  # each record names its command
+        assert json.load(open(os.path.join(folder, "config.json")))["command"] == command
+        assert json.load(open(os.path.join(folder, "metrics.json")))["command"] == command
 
 def test_fp16_resume_and_sample_only_of_a_run_trained_without_fp16():
     # A T4 continues a run begun on a CPU or an A100: its checkpoint holds an empty GradScaler state,
     # which must not be loaded into the enabled fp16 scaler (that raised a traceback).
-    root, out = write_addnist(tmpdir()), tmpdir()
-    quiet(mm.classify, tiny_cfg(root, out, pause_at=3))
+    root, out = run_copy("classify", paused=True)
     m, log = quiet(mm.classify, tiny_cfg(root, out, resume=True, precision="fp16"))
     assert "from step 3" in log and m["steps"] == 6 and m["mixed_precision"] == "fp16"
-    with tiny_cifar() as croot:
-        quiet(mm.generate, tiny_gen_cfg(croot, gen := tmpdir()))
+    croot, gen = run_copy("generate")
+    with tiny_cifar(root=croot):
         g, _ = quiet(mm.generate, tiny_gen_cfg(croot, gen, sample_only=True, precision="fp16"))
     assert g["mixed_precision"] == "fp16" and g["steps"] == 6
 
-def test_gradflow_resume_refuses_other_epochs():
-    with tiny_cifar() as root:  # the reported case: an unfinished 2-epoch run resumed with --epochs 1
-        out = tmpdir()
-        assert quiet(mm.gradflow, tiny_gradflow_cfg(root, out, pause_at=1))[0] is None
-        msg = expect_error(lambda: quiet(mm.gradflow, tiny_gradflow_cfg(root, out, resume=True, epochs=1)), "--epochs")
-        flags_in(msg, "epochs", 2, 1)
-        rows, _ = quiet(mm.gradflow, tiny_gradflow_cfg(root, out, resume=True))
-        m = json.load(open(os.path.join(out, "VGG_08", "seed0", "metrics.json")))
-        assert m["curves"]["epoch"] == [1, 2] and m["epochs"] == 2 and rows[0]["epochs"] == 2
-
-def test_generate_resume_refuses_another_schedule():
-    with tiny_cifar() as root:
-        out = tmpdir()
-        quiet(mm.generate, tiny_gen_cfg(root, out, pause_at=3))
-        for field, value in (("lr", 0.5), ("warmup", 0.5), ("ema", 0.1), ("batch_size", 4), ("p_uncond", 0.5)):
-            msg = expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, out, resume=True, **{field: value})),
-                               "resume with the values")
-            flags_in(msg, field, getattr(tiny_gen_cfg(root, out), field), value)
-
-def test_generate_refuses_a_checkpoint_of_the_step_count_schedule():
-    # Before warm-up and EMA scaled with --steps, a checkpoint's config had sample_every (warm-up 1,000 steps,
-    # EMA decay 0.9995): its averages cannot continue under today's schedule, so it is refused in one line.
-    with tiny_cifar() as root:
-        out = tmpdir()
-        quiet(mm.generate, tiny_gen_cfg(root, out, pause_at=3))
-        path = os.path.join(out, "ckpt.pt")
-        ck = torch.load(path, weights_only=True)
-        ck["config"].update(sample_every=5000, warmup=1000, ema=0.9995)
-        torch.save(ck, path)
-        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(root, out, resume=True)), "counted in steps", "new --out")
-        m, _ = quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), sample_only=True, ckpt=path))  # sampling still works
-    assert m["steps"] == 3
-
 def test_pause_at_or_before_the_checkpoint_is_refused_and_steps_are_counted():
-    root, out = write_addnist(tmpdir()), tmpdir()
+    root, out = run_copy("classify", paused=True)  # 3 of 6 steps taken
     with counting_steps(torch.optim.AdamW) as taken:
-        quiet(mm.classify, tiny_cfg(root, out, steps=8, pause_at=4))
-        for pause in (4, 2):  # at or below the checkpoint's step 4: refused (it would rewrite the counter)
-            expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out, steps=8, pause_at=pause, resume=True)),
-                         f"--pause-at {pause}", "step 4")
-        assert torch.load(os.path.join(out, "run0", "ckpt.pt"), weights_only=True)["step"] == 4
-        m, _ = quiet(mm.classify, tiny_cfg(root, out, steps=8, resume=True))
-    assert taken.call_count == 8 and m["steps"] == 8 and m["per_run"][0]["steps"] == 8  # the record is what was trained
-    assert m["per_run"][0]["curves"]["step"] == [3, 6, 8]
-    with tiny_cifar() as croot, counting_steps(torch.optim.Adam) as taken:
-        out = tmpdir()
-        quiet(mm.generate, tiny_gen_cfg(croot, out, pause_at=3))
+        for pause in (3, 2):  # at or below the checkpoint's step 3: refused (it would rewrite the counter)
+            expect_error(lambda: quiet(mm.classify, tiny_cfg(root, out, pause_at=pause, resume=True)),
+                         f"--pause-at {pause}", "step 3")
+        m, _ = quiet(mm.classify, tiny_cfg(root, out, resume=True))
+    assert taken.call_count == 3 and m["steps"] == 6 and m["per_run"][0]["steps"] == 6  # what was trained
+    assert m["per_run"][0]["curves"]["step"] == [3, 6]
+    croot, out = run_copy("generate", paused=True)
+    with tiny_cifar(root=croot), counting_steps(torch.optim.Adam) as taken:
         expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(croot, out, pause_at=2, resume=True)), "--pause-at 2")
         g, _ = quiet(mm.generate, tiny_gen_cfg(croot, out, resume=True))
-    assert taken.call_count == 6 and g["steps"] == 6 and g["loss_curve"]["step"] == [3, 6]
+    assert taken.call_count == 3 and g["steps"] == 6 and g["loss_curve"]["step"] == [3, 6]
 
 def test_sample_only_reports_the_checkpoint_it_sampled():
-    with tiny_cifar() as root:
-        out = tmpdir()
-        quiet(mm.generate, tiny_gen_cfg(root, out, pause_at=4))
-        n_params = mm.count_params(mm.make_unet(tiny_gen_cfg(root, out)))
-        # The flags' defaults (50,000 steps, the full-size widths) are not what the checkpoint holds.
+    root, out = run_copy("generate", paused=True)
+    n_params = mm.count_params(mm.make_unet(tiny_gen_cfg(root, out)))
+    with tiny_cifar(root=root):  # the flags' defaults (50,000 steps, the full-size widths) are not the checkpoint's
         m, log = quiet(mm.generate, tiny_gen_cfg(root, tmpdir(), sample_only=True, steps=50_000, widths="32,64,80",
                                                  ckpt=os.path.join(out, "ckpt.pt")))
-    assert m["steps"] == 4 and m["params"] == n_params and "steps 50,000" not in log, log
+    assert m["steps"] == 3 and m["params"] == n_params and "steps 50,000" not in log, log
     assert m["config"]["widths"] == "8,16,16" and m["config"]["steps"] == 6
 
 # ---------------------------------------------------------------------------------------------
@@ -770,6 +781,37 @@ def test_steps_stay_on_the_device_and_keep_float32_losses_under_bf16():
     assert torch.isfinite(out["classify_tta"]).all() and out["sampler"].dtype == torch.float32
     assert torch.isfinite(out["sampler"]).all()
 
+# What PyTorch 2.13 lists as having no deterministic CUDA kernel (torch.use_deterministic_algorithms): the
+# modules, and the aten ops they and the functional calls run (a backward op where only the backward is listed)
+NONDETERMINISTIC_MODULES = tuple(getattr(torch.nn, name) for name in (
+    "AvgPool3d AdaptiveAvgPool2d AdaptiveAvgPool3d AdaptiveMaxPool2d FractionalMaxPool2d FractionalMaxPool3d "
+    "MaxUnpool1d MaxUnpool2d MaxUnpool3d ReflectionPad1d ReflectionPad2d ReflectionPad3d NLLLoss CTCLoss").split())
+NONDETERMINISTIC_OPS = set(
+    "avg_pool3d_backward _adaptive_avg_pool2d_backward _adaptive_avg_pool3d_backward adaptive_max_pool2d_backward "
+    "fractional_max_pool2d_backward fractional_max_pool3d_backward max_unpool2d max_unpool3d upsample_linear1d_backward "
+    "upsample_bilinear2d_backward upsample_bicubic2d_backward upsample_trilinear3d_backward reflection_pad1d_backward "
+    "reflection_pad2d_backward reflection_pad3d_backward nll_loss2d_forward _ctc_loss_backward "
+    "_embedding_bag_backward put_ histc bincount median cumsum scatter_reduce grid_sampler_2d_backward".split())
+
+def test_every_op_of_the_loops_has_a_deterministic_cuda_kernel():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    class Ops(TorchDispatchMode):  # records every aten op run inside it, the backward passes' included
+        seen = set()
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func._schema.name.split("::")[1])
+            return func(*args, **(kwargs or {}))
+    with Ops():
+        one_step_of_each(HW)
+    assert "convolution_backward" in Ops.seen and not Ops.seen & NONDETERMINISTIC_OPS, Ops.seen & NONDETERMINISTIC_OPS
+    nets = [mm.DigitSumNet("8,M,16"), mm.make_unet(tiny_gen_cfg("", "")), mm.VGG(8, True, True), mm.VGG(38)]
+    assert not [m for net in nets for m in net.modules() if isinstance(m, NONDETERMINISTIC_MODULES)]
+    # On a GPU the mode is strict: an op without a deterministic kernel would raise, not warn and differ.
+    with patched(torch.cuda, is_available=lambda: True, is_bf16_supported=lambda **kw: True), \
+            patched(torch, use_deterministic_algorithms=mock.DEFAULT) as strict, \
+            torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled), mock.patch.dict(os.environ):
+        assert quiet(mm.pick_hardware, mm.ClassifyConfig())[0].device.type == "cuda"
+    strict["use_deterministic_algorithms"].assert_called_once_with(True)
+
 def test_loops_have_no_per_step_sync_and_loads_stay_on_cpu():
     """A static rule, kept because no CPU test can see the GPU hazards it guards: a host sync in every
     step (.item(), .cpu()) stalls a GPU's queue, and torch.load without map_location='cpu' puts a CUDA
@@ -784,7 +826,6 @@ def test_loops_have_no_per_step_sync_and_loads_stay_on_cpu():
     step_loops = [n for n in ast.walk(tree) if isinstance(n, ast.For)
                   and any("seed_step(" in ast.unparse(s) for s in n.body[:2])]  # loops that seed each step
     assert step_loops, "no loop seeds its steps"
-
     def check(node, guarded):  # a sync or a tensor from Python data is allowed only under an `if` (log/eval steps)
         for child in ast.iter_child_nodes(node):
             text = ast.unparse(child) if isinstance(child, ast.Call) else ""
@@ -794,7 +835,6 @@ def test_loops_have_no_per_step_sync_and_loads_stay_on_cpu():
                 syncs = ("item", "tolist", "cpu", "numpy")
                 assert child.func.attr not in syncs, f"mm.py:{child.lineno} syncs every step"
             check(child, guarded or isinstance(child, ast.If))
-
     for loop in step_loops:
         check(loop, False)
 
@@ -856,15 +896,8 @@ def test_ticks_are_round_and_cover_the_data():
         assert len(set(labels)) == len(labels) and all(len(s) <= 8 for s in labels), labels  # no 0.08303
 
 def test_report_numbers_equal_the_runs_and_tex_is_input_safe():
-    root = write_addnist(tmpdir())
-    runs = {name: tmpdir() for name in ("classify", "generate", "gradflow")}
-    quiet(mm.classify, tiny_cfg(root, runs["classify"], runs=2))
-    with tiny_cifar() as croot:
-        quiet(mm.generate, tiny_gen_cfg(croot, runs["generate"]))
-        quiet(mm.gradflow, tiny_gradflow_cfg(croot, runs["gradflow"], runs=2, epochs=1))
-    out = tmpdir()
-    quiet(mm.report, mm.ReportConfig(classify=runs["classify"], generate=runs["generate"],
-                                     gradflow=runs["gradflow"], out=out))
+    runs = {command: run_copy(command)[1] for command in TINY}  # the three finished runs
+    quiet(mm.report, mm.ReportConfig(**runs, out=(out := tmpdir())))
     md, tex = open(os.path.join(out, "report.md")).read(), open(os.path.join(out, "report.tex")).read()
     c = json.load(open(os.path.join(runs["classify"], "metrics.json")))
     for key in ("train_acc", "test_acc"):
@@ -909,6 +942,20 @@ def test_scaling_report_pools_seeds_per_point_and_draws_both_axes():
         if xs:  # log10 of each step count, then the budget limit's
             assert [round(10 ** float(l.split(",")[1])) for l in lines] == [4, 6, 4, 6, 10_000, 10_000]
             assert lines[-1].startswith("limit 10000,")  # named in the legend, not over a point's tick
+    # generate runs beside them: the digit reader's figures against steps, seeds pooled, real images beside
+    figures = lambda both, fd: dict(both=both, reader_fd=fd, precision=0.9, recall=0.8, coverage=0.7)
+    for name, steps, seed, both, fd in (("g6", 6, 0, 40.0, 3.0), ("g6s1", 6, 1, 50.0, 2.0), ("g12", 12, 0, 90, 1)):
+        os.makedirs(os.path.join(folder, name))
+        json.dump({"command": "generate", "steps": steps, "config": {"seed": seed, "batch_size": 64}},
+                  open(os.path.join(folder, name, "metrics.json"), "w"))
+        open(os.path.join(folder, name, "reader.json"), "w").write("{}\n" + json.dumps(figures(both, fd)))  # last row
+    json.dump(figures(97.0, 0.7), open(os.path.join(folder, "real.json"), "w"))
+    quiet(mm.report, mm.ReportConfig(scaling=folder, out=(out := tmpdir())))
+    md = open(os.path.join(out, "report.md")).read()
+    assert "| 6 | 2 | 0.450 ± 0.071 | 0.900 ± 0.000 | 0.800 ± 0.000 | 0.700 ± 0.000 | 2.500 ± 0.707 |" in md, md
+    assert "| real test images |  | 0.970 | 0.900 | 0.800 | 0.700 | 0.700 |" in md and "Classifier scaling" in md
+    lines = open(os.path.join(out, "generator_fd.csv")).read().splitlines()[1:]
+    assert len(lines) == 2 + 2 and lines[-2].startswith("real reader FD,0.77") and lines[-1].endswith(",0.7,,")
 
 def test_mean_band_uses_the_steps_every_run_has():
     curves = [{"step": [10, 20, 30], "acc": [0.1, 0.2, 0.3]}, {"step": [10, 30], "acc": [0.3, 0.5]}]
@@ -938,14 +985,8 @@ def run_script(script, *args):
                           timeout=300, env=env, stdin=subprocess.DEVNULL)
 
 def test_bad_invocations_get_one_line_and_touch_nothing():
-    addnist = write_addnist(tmpdir())
-    with tiny_cifar() as cifar:
-        finished, paused, finished_vgg = tmpdir(), tmpdir(), tmpdir()
-        quiet(mm.classify, tiny_cfg(addnist, finished))
-        quiet(mm.classify, tiny_cfg(addnist, paused, pause_at=4))
-        quiet(mm.gradflow, tiny_gradflow_cfg(cifar, finished_vgg, epochs=1))
-        gen = tmpdir()
-        quiet(mm.generate, tiny_gen_cfg(cifar, gen, steps=2))
+    (addnist, finished), (_, paused) = run_copy("classify"), run_copy("classify", paused=True)
+    (cifar, finished_vgg), (_, gen) = run_copy("gradflow"), run_copy("generate")
     real = open(os.path.join(finished, "run0", "ckpt.pt"), "rb").read()
     broken = {}  # checkpoints that are not ones classify wrote
     for kind, content in (("garbage", b"not a checkpoint" * 64), ("truncated", real[:len(real) // 2]),
@@ -996,7 +1037,7 @@ def test_bad_invocations_get_one_line_and_touch_nothing():
         ([images, images, "--dims", "7"], "--dims"), ([os.path.join(fresh, "x.npz"), stats], "does not exist"),
         ([stats], "--save-stats"),
     ]
-    watched = [addnist, cifar, finished, paused, finished_vgg, fresh, weights, not_png, *broken.values()]
+    watched = [addnist, cifar, finished, paused, finished_vgg, gen, fresh, weights, not_png, *broken.values()]
     before = snapshot(*watched)
     jobs = [("mm.py", args, needle) for args, needle in mm_cases] + [("fid.py", a, n) for a, n in fid_cases]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # subprocesses: 4 at a time
@@ -1010,7 +1051,6 @@ def test_bad_invocations_get_one_line_and_touch_nothing():
 def test_second_ctrl_c_exits_in_one_line():
     def pressed_twice(cfg):
         raise KeyboardInterrupt
-
     with patched(mm, COMMANDS={**mm.COMMANDS, "classify": (mm.ClassifyConfig, pressed_twice, "")}):
         try:
             mm.main(["classify"])
@@ -1182,16 +1222,13 @@ def test_inception_structure_and_outputs():
 def test_features_run_without_tf32_and_restore_it():
     seen = []
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-
     class Probe(torch.nn.Module):  # records the precision settings while the "network" runs
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
-
         def forward(self, x, dims, resize):
             seen.append((matmul.fp32_precision, conv.fp32_precision))
             return x.flatten(1)[:, :dims]
-
     before = torch.backends.fp32_precision, matmul.fp32_precision, conv.fp32_precision
     try:
         # The newer API switched on globally, as a user's script may do: reading the legacy allow_tf32 flags
