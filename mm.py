@@ -40,42 +40,42 @@ class RunConfig:  # the fields the three training commands share
     seed: int = 0  # seed of the first run (batches, augmentation, noise, samples)
     log_every: int = 100  # steps between progress lines
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on GPUs with fast bf16, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
-    deterministic: bool = True  # GPU: deterministic kernels, so seeded runs repeat (--no-deterministic: faster)
-    resume: bool = False  # continue the run(s) checkpointed in --out instead of refusing to overwrite them
-    pause_at: int = 0  # stop cleanly (checkpointed) after this many steps (gradflow: epochs); 0 = run to the end
+    precision: str = "auto"  # auto (bf16 on Ampere+ GPUs, fp16 on older ones, fp32 on CPU) | fp32 | bf16 | fp16
+    deterministic: bool = True  # GPU: deterministic kernels, seeded runs repeat (--no-deterministic: faster)
+    resume: bool = False  # continue the run(s) checkpointed in --out (without it, --out must hold no run)
+    pause_at: int = 0  # stop, checkpointed, after this many steps (gradflow: epochs); 0 = run to the end
 
 # ---------------------------------------------------------------------------------------------
-# Classifier: one digit CNN shared by the three channels; the sum's distribution is their convolution
+# Classifier: one digit CNN shared by the three channels; the sum's distribution, their convolution
 
 @dataclass
 class ClassifyConfig(RunConfig):
-    out: str = "runs/classify"  # results folder: config.json, metrics.json, accuracy.png, run*/ckpt.pt
+    out: str = "runs/classify"  # results: config.json, metrics.json, accuracy.png, run*/ckpt.pt
     steps: int = 10_000  # optimisation steps per run (budget: at most 10,000)
     allow_penalty: bool = False  # train over a budget anyway and print the coursework penalty
-    arch: str = "32,M,48,M,64,96"  # the digit CNN: 3x3 conv/BN/ReLU widths, M = 2x2 max pool; global avg pool
+    arch: str = "32,M,48,M,64,96"  # digit CNN: 3x3 conv/BN/ReLU widths, M = 2x2 max pool
     batch_size: int = 128  # AddNIST images per step (3 digits each)
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 5e-2  # AdamW decoupled weight decay on conv/linear weights
     warmup: int = 300  # steps of linear warm-up, then cosine decay to 0
-    ema: float = 0.999  # decay of the evaluated weight average, warmed up as (1+t)/(10+t); 0 = raw weights
+    ema: float = 0.999  # decay of the evaluated weight average (warm-up: ema_decay); 0 = raw weights
     label_smoothing: float = 0.05  # training loss only; reported losses are plain cross-entropy
-    train_on: str = "train+valid"  # train+valid (60,000 images) | train (45,000); test is never trained on
+    train_on: str = "train+valid"  # train+valid (60,000 images) | train (45,000); never test
     shift: int = 2  # max translation per digit, whole pixels (kept all run)
-    rotate: float = 10.0  # max rotation per digit, degrees (with zoom and elastic: fades to 0 over the run)
+    rotate: float = 10.0  # max rotation per digit, degrees (fades to 0 over the run, as zoom, elastic)
     zoom: float = 0.1  # max relative zoom in or out
     elastic: float = 1.5  # std of a smooth random displacement field, pixels (0 = off)
     runs: int = 1  # independent runs with seeds seed, seed+1, ...
     eval_every: int = 500  # steps between evaluations (train subset + full test set)
     eval_train: int = 10_000  # train images scored at each periodic evaluation (all at the end)
-    tta: bool = True  # final figures average the image and its 4 one-pixel shifts (no params, no steps)
+    tta: bool = True  # final figures average the image and its 4 one-pixel shifts (no steps)
 
 class DigitSumNet(nn.Module):
-    """One digit network shared by the three channels; outputs log P(sum) over the 20 AddNIST classes."""
+    """One digit network shared by the three channels; log P(sum) over the 20 AddNIST classes."""
     def __init__(self, arch):
         super().__init__()
         self.digit = conv_trunk(arch)
-        self.register_buffer("sum_mask", SUM_MASK.clone(), persistent=False)  # follows .to(), not saved
+        self.register_buffer("sum_mask", SUM_MASK.clone(), persistent=False)  # moves with .to(), unsaved
     def forward(self, x):  # (B, 3, 28, 28) -> (B, 20)
         logits = self.digit(x.reshape(-1, 1, *x.shape[2:]))  # every digit through the same weights
         return sum_log_probs(logits.view(len(x), 3, 10), self.sum_mask)
@@ -93,7 +93,7 @@ def conv_trunk(arch):
                        nn.BatchNorm2d(int(token)), nn.ReLU(inplace=True)]
             channels = int(token)
         else:
-            raise UserError(f"--arch {arch}: {token!r} is neither a width 1..4096 nor M; e.g. 32,M,64,96")
+            raise UserError(f"--arch {arch}: {token!r} is no width 1..4096 and not M; e.g. 32,M,64,96")
         if side < 1:
             raise UserError(f"--arch {arch}: its pools shrink the 28x28 input below 1 pixel")
     return nn.Sequential(*layers, GlobalAvgPool(), nn.Flatten(), nn.Linear(channels, 10))
@@ -104,7 +104,7 @@ class GlobalAvgPool(nn.Module):
     def forward(self, x):
         return x.mean((2, 3), keepdim=True)
 
-# SUM_MASK[k, i] = 0 where the digit triple i = (a, b, c) (flattened) sums to k + 1, else -inf. (20, 1000)
+# SUM_MASK[k, i] = 0 where the digit triple i = (a, b, c), flattened, sums to k + 1, else -inf. (20, 1000)
 TRIPLE_SUMS = (torch.arange(10)[:, None, None] + torch.arange(10)[:, None] + torch.arange(10)).flatten()
 SUM_MASK = torch.where(TRIPLE_SUMS[None, :] == torch.arange(1, 21)[:, None], 0.0, -math.inf)
 
@@ -113,7 +113,7 @@ def sum_log_probs(digit_logits, mask=SUM_MASK):
     P(s) = sum over a+b+c=s of p_r(a) p_g(b) p_b(c), a convolution, here in log space (logsumexp). The
     sums 0 and 21..27 are no class; cross-entropy over the 20 renormalises them away."""
     lp = digit_logits.float().log_softmax(-1)  # (B, 3, 10)
-    joint = lp[:, 0, :, None, None] + lp[:, 1, None, :, None] + lp[:, 2, None, None, :]  # (B, 10, 10, 10)
+    joint = lp[:, 0, :, None, None] + lp[:, 1, None, :, None] + lp[:, 2, None, None, :]  # (B,10,10,10)
     return torch.logsumexp(joint.flatten(1)[:, None, :] + mask.to(joint.device), dim=-1)  # (B, 20)
 
 def augment_digits(x, cfg, background, strength=1.0):
@@ -129,12 +129,12 @@ def augment_digits(x, cfg, background, strength=1.0):
     shift = lambda: torch.randint(-cfg.shift, cfg.shift + 1, (n,), device=x.device)  # whole pixels
     tx, ty = shift() * 2 / W, shift() * 2 / H  # pixels -> [-1, 1] grid units
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (n, 2, 3)
-    grid = F.affine_grid(theta, (n, 1, H, W), align_corners=False)  # (n, H, W, 2): x then y, in [-1, 1]
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (n,2,3)
+    grid = F.affine_grid(theta, (n, 1, H, W), align_corners=False)  # (n, H, W, 2): x, y in [-1, 1]
     if cfg.elastic > 0:
-        field = torch.randn(n, 2, 5, 5, device=x.device) * (cfg.elastic * strength)  # displacements, px
-        field = F.interpolate(field, size=(H, W), mode="bilinear", align_corners=True)  # (n, 2, H, W)
-        grid = grid + torch.stack([field[:, 0] * (2 / W), field[:, 1] * (2 / H)], -1)  # px -> grid units
+        field = torch.randn(n, 2, 5, 5, device=x.device) * (cfg.elastic * strength)  # shifts, px
+        field = F.interpolate(field, size=(H, W), mode="bilinear", align_corners=True)  # (n,2,H,W)
+        grid = grid + torch.stack([field[:, 0] * (2 / W), field[:, 1] * (2 / H)], -1)  # px -> grid
     out = F.grid_sample(x.reshape(n, 1, H, W) - background, grid, align_corners=False)  # 0 outside
     return out.view(B, C, H, W) + background
 
@@ -152,8 +152,8 @@ def evaluate(model, x, y, tta=False, batch_size=1000):
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         H, W = xb.shape[2:]
-        padded = F.pad(xb, (1, 1, 1, 1), value=fill)  # view (dy, dx)[i, j] = xb[i - dy, j - dx], or background
-        views = [padded[:, :, 1 - dy:1 - dy + H, 1 - dx:1 - dx + W] for dy, dx in TTA_SHIFTS] if tta else [xb]
+        padded = F.pad(xb, (1, 1, 1, 1), value=fill)  # view (dy, dx)[i, j] = xb[i - dy, j - dx] or fill
+        views = [padded[:, :, 1 - dy:H + 1 - dy, 1 - dx:W + 1 - dx] for dy, dx in TTA_SHIFTS] if tta else [xb]
         logp = torch.stack([model(v).float().log_softmax(1) for v in views])  # (views, B, classes)
         logp = torch.logsumexp(logp, 0) - math.log(len(views))  # log of the mean probability
         loss += F.nll_loss(logp, yb, reduction="sum").double()
@@ -177,7 +177,7 @@ def train_classifier(cfg, seed, run_dir, train, scored, hw):
               {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]  # BN: none
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=hw.device.type == "cuda")
     scaler = grad_scaler(hw)
-    objects = dict(model=model, ema=ema, opt=opt, scaler=scaler)  # what a checkpoint saves and a resume restores
+    objects = dict(model=model, ema=ema, opt=opt, scaler=scaler)  # what checkpoints save, resumes restore
     figures = [f"{split}_{what}" for split in ("train", *scored) for what in ("loss", "acc")]
     run = resume_from(ckpt_path, "classify", cfg, objects, figures, step=0, seconds=0.0, result=None,
                       curves={k: [] for k in ("step", "train_loss", "train_acc", "test_loss", "test_acc")})
@@ -213,7 +213,8 @@ def train_classifier(cfg, seed, run_dir, train, scored, hw):
             log.line(done, lr=f"{lr:.1e}")
         if done % cfg.eval_every == 0 or done == cfg.steps:
             with log.aside():  # the evaluation's time is not a training step's
-                scores = (*evaluate(eval_model, x_train[subset], y_train[subset]), *evaluate(eval_model, *scored["test"]))
+                scores = (*evaluate(eval_model, x_train[subset], y_train[subset]),
+                          *evaluate(eval_model, *scored["test"]))
                 for key, value in zip(curves, (done, *scores)):
                     curves[key].append(value)
                 print(f"eval {done:5d}/{cfg.steps} | train loss {scores[0]:.4f} acc {scores[1]:.4f} | "
@@ -226,14 +227,14 @@ def train_classifier(cfg, seed, run_dir, train, scored, hw):
         checkpoint(stop_at)
         return paused(stop_at, cfg)
     result = dict(seed=seed, steps=stop_at, tta=cfg.tta, curves=curves)
-    for split, (x, y) in {"train": (x_train, y_train), **scored}.items():  # every image, with TTA if asked
+    for split, (x, y) in {"train": (x_train, y_train), **scored}.items():  # every image, TTA if asked
         result[f"{split}_loss"], result[f"{split}_acc"] = evaluate(eval_model, x, y, tta=cfg.tta)
     result["seconds"] = run["seconds"] + time.time() - t0
     checkpoint(stop_at, result)
     return result
 
 def classify(cfg):
-    """`python mm.py classify`: train cfg.runs seeds, print a table, write metrics.json, accuracy.png."""
+    """`python mm.py classify`: train cfg.runs seeds; a table, metrics.json and accuracy.png."""
     check_numbers(cfg, below={"ema": 1, "label_smoothing": 1, "zoom": 1})
     n_params = count_params(DigitSumNet(cfg.arch))
     print(f"classify | digit CNN {cfg.arch}")
@@ -247,7 +248,7 @@ def classify(cfg):
     load = lambda split: data.load_test("addnist", cfg.data_dir or None) if split == "test" else \
         data.load_split("addnist", split, cfg.data_dir or None)
     train = [torch.from_numpy(np.concatenate(a)).to(hw.device) for a in zip(*map(load, cfg.train_on.split("+")))]
-    # With --train-on train the valid split is held out: recipes are chosen on it, test is scored once
+    # With --train-on train the valid split is held out: recipes are chosen on it, test scored once
     held = ("valid", "test") if cfg.train_on == "train" else ("test",)
     scored = {split: [torch.from_numpy(a).to(hw.device) for a in load(split)] for split in held}
     print(f"AddNIST {cfg.train_on} {tuple(train[0].shape)}, test {tuple(scored['test'][0].shape)}")
@@ -289,29 +290,30 @@ def classify_row(m):
 
 @dataclass
 class GenerateConfig(RunConfig):
-    out: str = "runs/generate"  # results folder: samples, interpolations, neighbours, metrics, checkpoint
+    out: str = "runs/generate"  # results: samples, interpolations, neighbours, metrics, checkpoint
     ckpt: str = ""  # checkpoint to load (empty: OUT/ckpt.pt)
-    steps: int = 50_000  # optimisation steps (at most 50,000); checkpoint, and progress.png from 2,000, each tenth
+    steps: int = 50_000  # at most 50,000; each tenth a checkpoint and, from 2,000, progress.png
     allow_penalty: bool = False  # train over a budget anyway and print the coursework penalty
     sample_only: bool = False  # skip training: regenerate every output from --ckpt (or OUT/ckpt.pt)
-    widths: str = "32,64,80"  # U-Net channels at 32, 16 and 8 pixels, multiples of 8 (997,123 parameters)
+    widths: str = "32,64,80"  # U-Net channels at 32, 16 and 8 pixels, multiples of 8 (997,123 params)
     blocks: int = 1  # residual blocks per level, down and up
     emb_dim: int = 128  # width of the noise-level + class embedding (a multiple of 4)
     dropout: float = 0.0  # dropout inside residual blocks
     batch_size: int = 256  # images per step
     lr: float = 4e-3  # peak Adam learning rate
     warmup: float = 0.02  # linear warm-up over this fraction of --steps, then cosine decay to 0
-    ema: float = 0.04  # length of the power-function weight average samples come from, as σ_rel (0 = off)
+    ema: float = 0.04  # length σ_rel of the power-function weight average samples come from (0 = off)
     sigma_data: float = 0.5  # standard deviation of the data, for the preconditioning
     p_mean: float = -0.4  # mean of ln σ during training
     p_std: float = 1.4  # standard deviation of ln σ during training
-    p_uncond: float = 0.1  # probability of dropping the class label (trains the unconditional model too)
+    p_uncond: float = 0.1  # probability of dropping the label (trains the unconditional model too)
     flip: bool = True  # random horizontal flips (right for CIFAR; --no-flip for the digit stand-in)
     sampler_steps: int = 18  # Heun steps (NFE = 2 steps - 1, doubled when guidance != 1)
     guidance: float = 3.0  # guidance scale w (1 = plain conditional, half the evaluations)
     guide_min: float = 0.0  # guidance acts only at noise levels σ in (guide_min, guide_max]; w = 1 elsewhere
     guide_max: float = 80.0  # upper end of the guidance interval (80 = σ_max: guided from the start)
     autoguide: float = 0.0  # guide with the EMA as it was at this fraction of the run, not the unconditional model (0 = off)
+    guide_uncond: bool = False  # with --autoguide: the guide sees no class (CFG and autoguidance in one term)
     churn: float = 0.0  # S_churn of EDM's stochastic sampler (Alg. 2), noise added at σ in [0.05, 50] (0 = deterministic)
     fid_samples: int = 10_000  # samples drawn for FID and samples.npz (at least the grid's 64)
     sample_batch: int = 1000  # samples per sampler call
@@ -462,7 +464,7 @@ def edm_sampler(net, z, class_emb, cfg, hw=None, guide=None, noise=None):
             if guide is None:
                 cond, weak = net(torch.cat([x, x]), torch.cat([s, s]), torch.cat([class_emb, null])).float().chunk(2)
             else:
-                cond, weak = net(x, s, class_emb).float(), guide(x, s, class_emb).float()
+                cond, weak = net(x, s, class_emb).float(), guide(x, s, null if cfg.guide_uncond else class_emb).float()
         return (weak + cfg.guidance * (cond - weak)).double()
     sigmas = edm_sigmas(cfg.sampler_steps).tolist()
     x = z.double() * sigmas[0]  # a float64 state: the solver's update stays exact however the net runs
@@ -647,11 +649,11 @@ def generate_row(m):
 
 @dataclass
 class GradflowConfig(RunConfig):
-    out: str = "runs/gradflow"  # results folder: a sub-folder per configuration and seed, metrics.json
+    out: str = "runs/gradflow"  # results: a sub-folder per configuration and seed, metrics.json
     depth: int = 38  # 8 (0 processing blocks per stage) or 38 (5 per stage); 3 stages of 32 filters
     bn: bool = False  # BatchNorm after every conv, before its activation
     residual: bool = False  # identity skip around every processing block (He et al. 2016)
-    compare: bool = False  # run the five reference configurations in turn, then the comparison table
+    compare: bool = False  # run the five reference configurations, then the comparison table
     epochs: int = 100  # passes over the 47,500 training images
     batch_size: int = 100  # images per step
     lr: float = 1e-3  # Adam learning rate at the start; cosine annealing per epoch down to min_lr
@@ -666,8 +668,9 @@ class Block(nn.Module):
     so gradients reach early layers undiminished. A reduction block (reduce) halves H and W."""
     def __init__(self, c, bn, residual=False, reduce=False):
         super().__init__()  # the coursework framework: convs with a bias in reduction blocks only
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=reduce), nn.BatchNorm2d(c) if bn else nn.Identity()
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=reduce), nn.BatchNorm2d(c) if bn else nn.Identity()
+        norm = lambda: nn.BatchNorm2d(c) if bn else nn.Identity()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=reduce), norm()
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=reduce), norm()
         self.residual, self.reduce = residual, reduce
     def forward(self, x):  # (B, c, H, W) -> same, or (B, c, H/2, W/2) when reducing
         h = F.leaky_relu(self.bn1(self.conv1(x)))
@@ -682,7 +685,7 @@ class VGG(nn.Module):
         super().__init__()
         per_stage = (depth - 2 - 2 * stages) // (2 * stages)  # depth = 1 + stages (2 blocks + 2) + 1
         if 1 + stages * (2 * per_stage + 2) + 1 != depth or per_stage < 0:
-            raise UserError(f"--depth {depth} cannot be built from {stages} stages (use 8, 14, 20, ... 38)")
+            raise UserError(f"--depth {depth} cannot be built of {stages} stages (use 8, 14, 20, ... 38)")
         self.entry = nn.Sequential(nn.Conv2d(3, filters, 3, padding=1, bias=False), nn.BatchNorm2d(filters),
                                    nn.LeakyReLU())
         self.stages = nn.ModuleList(  # blocks named b1..bN and red: 'stages.0.b2.conv1.weight'
@@ -695,7 +698,7 @@ class VGG(nn.Module):
         return self.fc(x.mean((2, 3)))  # global average pool
 
 def layer_name(param_name):
-    """'stages.1.red.conv2.weight' -> 's2.red.c2', 'entry.0.weight' -> 'entry': short plot labels."""
+    """'stages.1.red.conv2.weight' -> 's2.red.c2', 'entry.0.weight' -> 'entry': plot labels."""
     p = param_name.split(".")
     return p[0] if p[0] != "stages" else f"s{int(p[1]) + 1}.{p[2]}.{p[3].replace('conv', 'c')}"
 
@@ -727,7 +730,7 @@ COMPARISONS = [  # the five reference configurations and their published train /
 ]
 
 def run_folder(out, name):
-    """OUT/<configuration>: 'VGG_38 + BN (lr 1e-2)' -> OUT/VGG_38_BN_lr_1e_2; the report reads it back."""
+    """OUT/<configuration>: 'VGG_38 + BN (lr 1e-2)' -> OUT/VGG_38_BN_lr_1e_2 (the report reads it)."""
     return os.path.join(out, re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"))
 
 def train_vgg(cfg, seed, run_dir, splits, hw):
@@ -738,9 +741,10 @@ def train_vgg(cfg, seed, run_dir, splits, hw):
     torch.manual_seed(seed)
     model = VGG(cfg.depth, cfg.bn, cfg.residual).to(hw.device, memory_format=torch.channels_last)
     opt, scaler = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=hw.device.type == "cuda"), grad_scaler(hw)
-    objects = dict(model=model, opt=opt, scaler=scaler)  # what a checkpoint saves and a resume restores
+    objects = dict(model=model, opt=opt, scaler=scaler)  # what checkpoints save, resumes restore
     per_epoch, ckpt_path = len(x_tr) // cfg.batch_size, os.path.join(run_dir, "ckpt.pt")
-    run = resume_from(ckpt_path, "gradflow", cfg, objects, [f"{s}_{w}" for s in ("train", "val") for w in ("loss", "acc")],
+    figures = [f"{split}_{what}" for split in ("train", "val") for what in ("loss", "acc")]
+    run = resume_from(ckpt_path, "gradflow", cfg, objects, figures,
                       epoch=0, flows=[], best={"val_acc": -1.0}, seconds=0.0, result=None,
                       curves={k: [] for k in ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")})
     if run["result"]:
@@ -784,7 +788,7 @@ def train_vgg(cfg, seed, run_dir, splits, hw):
             val_loss, val_acc = evaluate(model, x_val, y_val)
             for key, value in zip(curves, (epoch + 1, lr, train_loss, train_acc, val_loss, val_acc)):
                 curves[key].append(value)
-            if val_acc > best["val_acc"]:  # keep the best-validation weights for the test evaluation
+            if val_acc > best["val_acc"]:  # keep the best-validation weights, for the test
                 best = {"val_acc": val_acc, "epoch": epoch + 1, "train_acc": train_acc,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
             print(f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {train_loss:.4f} acc {train_acc:.4f} | val loss "
@@ -805,12 +809,12 @@ def train_vgg(cfg, seed, run_dir, splits, hw):
     return result
 
 def load_cifar_splits(cfg, device):
-    """CIFAR-100 on the device, normalised per channel: train/val by a seeded permutation, and test."""
+    """CIFAR-100 on the device, normalised per channel: train/val by a seeded permutation; test."""
     x, y = data.load_split("cifar100", "train", cfg.data_dir or None)
     xt, yt = data.load_test("cifar100", cfg.data_dir or None)  # evaluation only
     if not cfg.val_size < len(x):
         raise UserError(f"--val-size must be between 1 and {len(x) - 1}")
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # one split for every run
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # one split for all
     x = torch.from_numpy(x).to(device).float() / 255
     mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True)  # of train + val
     norm = lambda a: ((a - mean) / std).contiguous(memory_format=torch.channels_last)
@@ -819,7 +823,7 @@ def load_cifar_splits(cfg, device):
     return (norm(x[tr]), y[tr]), (norm(x[va]), y[va]), test
 
 def gradflow(cfg):
-    """`python mm.py gradflow`: train one configuration (or --compare the five), gradient-flow plots."""
+    """`python mm.py gradflow`: train one configuration (or --compare all five); gradient flow."""
     check_numbers(cfg)
     VGG(cfg.depth)  # refuses a depth that cannot be built, before any work
     name = f"VGG_{cfg.depth:02d}" + " + BN" * cfg.bn + " + residual" * cfg.residual
@@ -827,7 +831,7 @@ def gradflow(cfg):
     plan = [(c, replace(cfg, depth=c.depth, bn=c.bn, residual=c.residual, lr=c.lr),
              [os.path.join(run_folder(cfg.out, c.name), f"seed{cfg.seed + r}") for r in range(cfg.runs)])
             for c in configs]  # (configuration, its config, the run folders of its seeds)
-    check_run_folder(cfg, "gradflow", {os.path.join(d, "ckpt.pt"): run_cfg for _, run_cfg, dirs in plan for d in dirs})
+    check_run_folder(cfg, "gradflow", {os.path.join(d, "ckpt.pt"): c for _, c, dirs in plan for d in dirs})
     hw = pick_hardware(cfg)
     splits = load_cifar_splits(cfg, hw.device)
     print(f"gradflow | CIFAR-100 train {len(splits[0][0])}, val {len(splits[1][0])}, test {len(splits[2][0])}"
@@ -854,11 +858,11 @@ def gradflow(cfg):
     print_table([depth_row(row) for row in rows])
     save_json(os.path.join(cfg.out, "metrics.json"), {"command": "gradflow", "config": asdict(cfg), "table": rows,
                                                       "device": str(hw.device), "mixed_precision": hw.precision})
-    print(f"wrote {cfg.out}/config.json, metrics.json and, per run, gradflow.png, curves.png, metrics.json")
+    print(f"wrote {cfg.out}/config.json, metrics.json and per run gradflow.png, curves.png, metrics.json")
     return rows
 
 def depth_row(row):
-    """A configuration's summary as text (mean ± std over its seeds): the command's table and the report's."""
+    """A configuration's summary as text, mean ± std over seeds: the command's table, the report's."""
     text = lambda key, f="{:.3f} ± {:.3f}": f.format(row[f"{key}_mean"], row[f"{key}_std"])
     return {"configuration": row["name"], "lr": f"{row['lr']:.0e}", "params": f"{row['params']:,}",
             "train loss": text("train_loss"), "train acc %": percent((row["train_acc_mean"], row["train_acc_std"])),
@@ -888,14 +892,14 @@ def check_numbers(cfg, below=None):
             raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
 
 def budget_penalty(value, limit, inclusive):
-    """Coursework penalty in marks: 5 for every 10 % (or part of it) over the limit (at it, if strict)."""
+    """Coursework penalty in marks: 5 per 10 % (or part of it) over the limit (at it, if strict)."""
     over = value - limit
     if over < 0 or (over == 0 and inclusive):
         return 0
     return 5 * max(1, -(-over * 10 // limit))  # ceil(over / (10 % of limit)), in integers
 
 def enforce_budget(name, value, limit, inclusive, allow_penalty):
-    """Print the count against its limit; refuse it when over unless the user accepts the penalty."""
+    """Print the count against its limit; refuse it when over, unless the penalty is accepted."""
     rule = f"at most {limit:,}" if inclusive else f"under {limit:,}"
     print(f"> {name} {value} (budget: {rule})")
     penalty = budget_penalty(value, limit, inclusive)
@@ -903,7 +907,7 @@ def enforce_budget(name, value, limit, inclusive, allow_penalty):
         raise UserError(f"{name.lower()} {value:,} breaks the budget ({rule}); reduce it, or pass "
                         f"--allow-penalty to accept the coursework penalty of -{penalty} marks")
     if penalty:
-        print(f"! over budget: {name.lower()} {value:,} costs -{penalty} marks under the coursework rules")
+        print(f"! over budget: {name.lower()} {value:,} costs -{penalty} marks by the coursework rules")
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -923,7 +927,7 @@ def pick_hardware(cfg):
         "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if device.type == "cuda":
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cfg.deterministic, not cfg.deterministic
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable matmuls
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # repeatable cuBLAS matmuls
         torch.use_deterministic_algorithms(cfg.deterministic)
     print(f"device {device} | precision {precision} | deterministic {cfg.deterministic or device.type == 'cpu'}")
     return Hardware(device, precision)
@@ -934,22 +938,23 @@ def autocast(hw):
         torch.autocast(hw.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[hw.precision])
 
 def grad_scaler(hw):
-    """fp16 gradients underflow without loss scaling; bf16 and fp32 need none (a disabled no-op scaler)."""
+    """fp16 gradients underflow without loss scaling; bf16 and fp32 need none (a no-op scaler)."""
     return torch.amp.GradScaler(hw.device.type, enabled=hw.precision == "fp16")
 
 STEP_SEED_STRIDE = 1_000_003  # a prime above any step count: seed * stride + step never collides
 
 def seed_step(seed, step):
-    """All randomness of a step (augmentation, noise, dropout) from (seed, step) alone: exact resume."""
+    """All randomness of a step (augmentation, noise, dropout) from (seed, step): exact resume."""
     torch.manual_seed(seed * STEP_SEED_STRIDE + step)
 
 @functools.lru_cache(maxsize=2)
 def epoch_order(n, seed, epoch, device):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * STEP_SEED_STRIDE + epoch)).to(device)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * STEP_SEED_STRIDE + epoch))
+    return order.to(device)
 
 def batch_indices(step, n, batch_size, seed, device):
-    """The step's batch of the n training images, from (seed, step) alone, so that a resumed run draws
-    exactly the batches of an unbroken one; the ragged end of each epoch's permutation is dropped."""
+    """The step's batch of the n training images, from (seed, step) alone, so that a resumed run
+    draws the batches of an unbroken one; the ragged end of each epoch's permutation is dropped."""
     epoch, i = divmod(step, n // batch_size)
     return epoch_order(n, seed, epoch, device)[i * batch_size:(i + 1) * batch_size]
 
@@ -967,8 +972,8 @@ def set_lr(opt, lr):
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    """ema <- decay ema + (1 - decay) model over weights and BN statistics (Polyak averaging), as one
-    fused _foreach_lerp_ (one kernel launch per group, not per tensor); integer buffers are copied."""
+    """ema <- decay ema + (1 - decay) model over weights and BN statistics (Polyak averaging), as
+    one fused _foreach_lerp_ (a kernel launch per group, not per tensor); integer buffers copied."""
     pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
     floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
     torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1 - decay)
@@ -977,12 +982,13 @@ def ema_update(ema, model, decay):
             e.copy_(m)
 
 class Progress:
-    """A loop's log lines, `step  100/10000 | loss 0.4321 | acc 0.9120 | lr 1.0e-03 | 3.2 ms/step | eta 0:31`.
-    The named per-step values are summed on the device (no host sync per step); a line shows their means
-    over exactly the steps since the last line, and ms/step over those steps' own time: what runs inside
-    aside() (evaluations, checkpoints, grids) counts for neither. The ETA covers the steps left to `end`."""
+    """A loop's log lines: `step  100/10000 | loss 0.4321 | lr 1.0e-03 | 3.2 ms/step | eta 0:31`. The
+    named per-step values are summed on the device (no host sync per step); a line shows their means
+    over exactly the steps since the last line, and ms/step over those steps' own time: what runs in
+    aside() (evaluations, checkpoints, grids) counts for neither. The ETA covers the steps to `end`."""
     def __init__(self, done, total, end, *names):
-        self.total, self.end, self.names, self.last, self.sums, self.t0 = total, end, names, done, 0, time.time()
+        self.total, self.end, self.names, self.last = total, end, names, done
+        self.sums, self.t0 = 0, time.time()
     def add(self, *values):  # one step's 0-d tensors, in the order of `names`
         self.sums = self.sums + torch.stack(values).detach().float()
     @contextlib.contextmanager
@@ -992,7 +998,7 @@ class Progress:
         self.t0 += time.time() - t0
     def line(self, done, **text):
         """Print the line for the steps up to `done`; -> the means, in the order of `names`."""
-        means = [total / (done - self.last) for total in self.sums.tolist()]  # a float32 sum, a float64 mean
+        means = [total / (done - self.last) for total in self.sums.tolist()]  # float32 sums, float64 means
         ms = 1000 * (time.time() - self.t0) / (done - self.last)
         shown = [f"{k} {v:.4f}" for k, v in zip(self.names, means)] + [f"{k} {v}" for k, v in text.items()]
         print(f"step {done:{len(str(self.total))}d}/{self.total} | {' | '.join(shown)} | {ms:.1f} ms/step | "
@@ -1028,7 +1034,8 @@ def paused(done, cfg, unit="step"):
 # with the values it was trained with.
 RESUME_FREE = {"data_dir", "out", "allow_penalty", "runs", "compare", "eval_every", "log_every", "device",
                "precision", "deterministic", "resume", "sample_only", "pause_at", "ckpt",
-               "sampler_steps", "guidance", "guide_min", "guide_max", "churn", "fid_samples", "sample_batch"}
+               "sampler_steps", "guidance", "guide_min", "guide_max", "guide_uncond", "churn", "fid_samples",
+               "sample_batch"}
 
 def save_checkpoint(path, command, cfg, objects, **record):
     """The objects' states, the config and the run's record, saved atomically (a .tmp renamed into
@@ -1277,8 +1284,8 @@ class ReportConfig:
     classify: str = ""  # a finished classify run folder (empty: leave the classifier out)
     generate: str = ""  # a finished generate run folder (empty: leave the generator out)
     gradflow: str = ""  # a finished gradflow run folder, e.g. from --compare (empty: leave it out)
-    scaling: str = ""  # a folder of finished runs at other budgets (and real.json: real images' figures)
-    out: str = "runs/report"  # folder for report.md, report.tex, the figures (PNG, 300 dpi) and CSVs
+    scaling: str = ""  # a folder of finished runs at other budgets (real.json: real images' figures)
+    out: str = "runs/report"  # for report.md, report.tex, the figures (PNG, 300 dpi) and CSVs
 
 TEX = {"\\": r"\textbackslash{}", "%": r"\%", "_": r"\_", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "≤": r"$\le$",
@@ -1499,8 +1506,8 @@ class BenchConfig:
     out: str = "runs/bench"  # folder for bench.json
     repeats: int = 10  # timed repetitions of each measurement, after 3 untimed warm-up ones
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on GPUs with fast bf16, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
-    deterministic: bool = True  # GPU: deterministic kernels (--no-deterministic: what cuDNN finds fastest)
+    precision: str = "auto"  # auto (bf16 on Ampere+ GPUs, fp16 on older ones, fp32 on CPU) | fp32 | bf16 | fp16
+    deterministic: bool = True  # GPU: deterministic kernels (--no-deterministic: cuDNN's fastest)
 
 def time_call(fn, hw, repeats):
     """Seconds per call: 3 untimed calls absorb compilation and cuDNN's search, then `repeats` timed ones."""

@@ -426,6 +426,7 @@ def test_guidance_interval_autoguidance_and_churn():
     # an interval that holds no noise level of the schedule guides nothing; a guide equal to the model neither
     assert torch.allclose(run(replace(cfg, guide_min=81.0)), plain, atol=1e-6)
     assert torch.allclose(run(cfg, guide=net), plain, atol=1e-6)
+    assert torch.allclose(run(replace(cfg, guide_uncond=True), guide=net), guided, atol=1e-6)  # then it is CFG
     for c in (cfg, replace(cfg, guidance=1.0), replace(cfg, guide_min=0.3, guide_max=5.0), replace(cfg, churn=40.0)):
         ClassShift.rows = 0
         run(c, noise=torch.Generator().manual_seed(1))
