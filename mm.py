@@ -3,7 +3,7 @@
     pip install -r requirements.txt
     python mm.py classify              # AddNIST classifier: < 100,000 parameters, <= 10,000 steps
     python mm.py classify --runs 5     # five seeds, then a mean ± std table
-    python mm.py generate              # CIFAR-100 diffusion: < 1,000,000 parameters, <= 50,000 steps
+    python mm.py generate              # CIFAR-100 diffusion: < 1,000,000 params, <= 50,000 steps
     python mm.py gradflow --compare    # depth study: why VGG_38 fails, and the BN / residual fixes
     python mm.py report --classify runs/classify --generate runs/generate --gradflow runs/gradflow
     python mm.py bench                 # ms per training step, sampler and Inception img/s here
@@ -58,11 +58,11 @@ class ClassifyConfig(RunConfig):
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 5e-2  # AdamW decoupled weight decay on conv/linear weights
     warmup: int = 300  # steps of linear warm-up, then cosine decay to 0
-    ema: float = 0.999  # decay of the evaluated weight average (warm-up: ema_decay); 0 = raw weights
+    ema: float = 0.999  # decay of the evaluated weight average (warm-up: ema_decay); 0 = off
     label_smoothing: float = 0.05  # training loss only; reported losses are plain cross-entropy
     train_on: str = "train+valid"  # train+valid (60,000 images) | train (45,000); never test
     shift: int = 2  # max translation per digit, whole pixels (kept all run)
-    rotate: float = 10.0  # max rotation per digit, degrees (fades to 0 over the run, as zoom, elastic)
+    rotate: float = 10.0  # max rotation per digit, degrees (fades to 0, as zoom and elastic do)
     zoom: float = 0.1  # max relative zoom in or out
     elastic: float = 1.5  # std of a smooth random displacement field, pixels (0 = off)
     runs: int = 1  # independent runs with seeds seed, seed+1, ...
@@ -93,7 +93,7 @@ def conv_trunk(arch):
                        nn.BatchNorm2d(int(token)), nn.ReLU(inplace=True)]
             channels = int(token)
         else:
-            raise UserError(f"--arch {arch}: {token!r} is no width 1..4096 and not M; e.g. 32,M,64,96")
+            raise UserError(f"--arch {arch}: {token!r} is no width 1..4096 nor M; e.g. 32,M,64,96")
         if side < 1:
             raise UserError(f"--arch {arch}: its pools shrink the 28x28 input below 1 pixel")
     return nn.Sequential(*layers, GlobalAvgPool(), nn.Flatten(), nn.Linear(channels, 10))
@@ -113,7 +113,7 @@ def sum_log_probs(digit_logits, mask=SUM_MASK):
     P(s) = sum over a+b+c=s of p_r(a) p_g(b) p_b(c), a convolution, here in log space (logsumexp). The
     sums 0 and 21..27 are no class; cross-entropy over the 20 renormalises them away."""
     lp = digit_logits.float().log_softmax(-1)  # (B, 3, 10)
-    joint = lp[:, 0, :, None, None] + lp[:, 1, None, :, None] + lp[:, 2, None, None, :]  # (B,10,10,10)
+    joint = lp[:, 0, :, None, None] + lp[:, 1, None, :, None] + lp[:, 2, None, None, :]  # (B, 10³)
     return torch.logsumexp(joint.flatten(1)[:, None, :] + mask.to(joint.device), dim=-1)  # (B, 20)
 
 def augment_digits(x, cfg, background, strength=1.0):
@@ -129,7 +129,7 @@ def augment_digits(x, cfg, background, strength=1.0):
     shift = lambda: torch.randint(-cfg.shift, cfg.shift + 1, (n,), device=x.device)  # whole pixels
     tx, ty = shift() * 2 / W, shift() * 2 / H  # pixels -> [-1, 1] grid units
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (n,2,3)
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, (n, 1, H, W), align_corners=False)  # (n, H, W, 2): x, y in [-1, 1]
     if cfg.elastic > 0:
         field = torch.randn(n, 2, 5, 5, device=x.device) * (cfg.elastic * strength)  # shifts, px
@@ -152,7 +152,7 @@ def evaluate(model, x, y, tta=False, batch_size=1000):
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         H, W = xb.shape[2:]
-        padded = F.pad(xb, (1, 1, 1, 1), value=fill)  # view (dy, dx)[i, j] = xb[i - dy, j - dx] or fill
+        padded = F.pad(xb, (1, 1, 1, 1), value=fill)  # (dy, dx)[i, j] = xb[i - dy, j - dx]
         views = [padded[:, :, 1 - dy:H + 1 - dy, 1 - dx:W + 1 - dx] for dy, dx in TTA_SHIFTS] if tta else [xb]
         logp = torch.stack([model(v).float().log_softmax(1) for v in views])  # (views, B, classes)
         logp = torch.logsumexp(logp, 0) - math.log(len(views))  # log of the mean probability
@@ -227,7 +227,7 @@ def train_classifier(cfg, seed, run_dir, train, scored, hw):
         checkpoint(stop_at)
         return paused(stop_at, cfg)
     result = dict(seed=seed, steps=stop_at, tta=cfg.tta, curves=curves)
-    for split, (x, y) in {"train": (x_train, y_train), **scored}.items():  # every image, TTA if asked
+    for split, (x, y) in {"train": (x_train, y_train), **scored}.items():  # every image
         result[f"{split}_loss"], result[f"{split}_acc"] = evaluate(eval_model, x, y, tta=cfg.tta)
     result["seconds"] = run["seconds"] + time.time() - t0
     checkpoint(stop_at, result)
@@ -295,14 +295,14 @@ class GenerateConfig(RunConfig):
     steps: int = 50_000  # at most 50,000; each tenth a checkpoint and, from 2,000, progress.png
     allow_penalty: bool = False  # train over a budget anyway and print the coursework penalty
     sample_only: bool = False  # skip training: regenerate every output from --ckpt (or OUT/ckpt.pt)
-    widths: str = "32,64,80"  # U-Net channels at 32, 16 and 8 pixels, multiples of 8 (997,123 params)
+    widths: str = "32,64,80"  # U-Net channels at 32, 16 and 8 px, multiples of 8 (997,123 params)
     blocks: int = 1  # residual blocks per level, down and up
     emb_dim: int = 128  # width of the noise-level + class embedding (a multiple of 4)
     dropout: float = 0.0  # dropout inside residual blocks
     batch_size: int = 256  # images per step
     lr: float = 4e-3  # peak Adam learning rate
     warmup: float = 0.02  # linear warm-up over this fraction of --steps, then cosine decay to 0
-    ema: float = 0.04  # length σ_rel of the power-function weight average samples come from (0 = off)
+    ema: float = 0.04  # length σ_rel of the power-function EMA samples come from (0 = off)
     sigma_data: float = 0.5  # standard deviation of the data, for the preconditioning
     p_mean: float = -0.4  # mean of ln σ during training
     p_std: float = 1.4  # standard deviation of ln σ during training
@@ -310,11 +310,7 @@ class GenerateConfig(RunConfig):
     flip: bool = True  # random horizontal flips (right for CIFAR; --no-flip for the digit stand-in)
     sampler_steps: int = 18  # Heun steps (NFE = 2 steps - 1, doubled when guidance != 1)
     guidance: float = 3.0  # guidance scale w (1 = plain conditional, half the evaluations)
-    guide_min: float = 0.0  # guidance acts only at noise levels σ in (guide_min, guide_max]; w = 1 elsewhere
-    guide_max: float = 80.0  # upper end of the guidance interval (80 = σ_max: guided from the start)
-    autoguide: float = 0.0  # guide with the EMA as it was at this fraction of the run, not the unconditional model (0 = off)
-    guide_uncond: bool = False  # with --autoguide: the guide sees no class (CFG and autoguidance in one term)
-    churn: float = 0.0  # S_churn of EDM's stochastic sampler (Alg. 2), noise added at σ in [0.05, 50] (0 = deterministic)
+    autoguide: float = 0.0  # the guide: the EMA at this fraction of the run (0: the model itself, CFG)
     fid_samples: int = 10_000  # samples drawn for FID and samples.npz (at least the grid's 64)
     sample_batch: int = 1000  # samples per sampler call
 
@@ -358,7 +354,7 @@ class ResBlock(nn.Module):
         return self.conv2(self.drop(F.silu(h))) + self.skip(x)
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the pixels of a small map; residual, output zero-initialised."""
+    """Multi-head self-attention over the pixels of a small map; residual, output zero at init."""
     def __init__(self, c, heads=4):
         super().__init__()
         self.norm, self.heads = group_norm(c), heads
@@ -398,7 +394,7 @@ class UNet(nn.Module):
     def forward(self, x, sigma, class_emb):
         """x (B, 3, 32, 32) noisy images, sigma (B,), class_emb (B, emb_dim) -> D(x; σ) (B, 3, 32, 32)"""
         c_skip, c_out, c_in, c_noise = (s[:, None, None, None] for s in edm_scalings(sigma, self.sigma_data))
-        angles = c_noise.flatten()[:, None].float() * self.freqs[None] * 2 * math.pi  # (B, emb_dim / 4)
+        angles = c_noise.flatten()[:, None].float() * self.freqs[None] * 2 * math.pi  # (B, E/4)
         emb = F.silu(self.noise_mlp(torch.cat([angles.cos(), angles.sin()], 1)) + class_emb)
         h, skips = self.stem(c_in * x), []
         for level, blocks in enumerate(self.down):
@@ -429,49 +425,36 @@ def edm_loss(net, x, labels, cfg):
     sigma = (torch.randn(len(x), device=x.device) * cfg.p_std + cfg.p_mean).exp()  # (B,)
     drop = torch.rand(len(x), device=x.device) < cfg.p_uncond
     labels = torch.where(drop, torch.full_like(labels, net.n_classes), labels)
-    noisy = x + sigma[:, None, None, None] * torch.randn_like(x)  # the forward process: x_σ = x + σ n
+    noisy = x + sigma[:, None, None, None] * torch.randn_like(x)  # forward process: x + σ n
     weight = (sigma ** 2 + cfg.sigma_data ** 2) / (sigma * cfg.sigma_data) ** 2
     denoised = net(noisy, sigma, net.class_embed(labels))
     return (weight[:, None, None, None] * (denoised.float() - x) ** 2).mean()
 
-S_TMIN, S_TMAX, S_NOISE = 0.05, 50.0, 1.003  # where and how much EDM's stochastic sampler adds noise (Table 5)
-
-def sampler_schedule(cfg):
-    """[(σ̂_i, σ_{i+1})] of EDM Algorithm 2: each step first raises σ_i to σ̂_i = (1 + γ_i) σ_i, γ_i =
-    min(S_churn / N, √2 - 1) inside [S_tmin, S_tmax] (0 elsewhere, and always with churn 0: Algorithm 1)."""
-    sigmas = edm_sigmas(cfg.sampler_steps).tolist()
-    gamma = lambda s: min(cfg.churn / cfg.sampler_steps, 2 ** 0.5 - 1) if S_TMIN <= s <= S_TMAX else 0.0
-    return [(s * (1 + gamma(s)), s_next) for s, s_next in zip(sigmas[:-1], sigmas[1:])]
-
-def guided(cfg, sigma):
-    """Guidance acts in (guide_min, guide_max] only (Kynkäänniemi et al. 2024): plain conditional elsewhere."""
-    return cfg.guidance != 1 and cfg.guide_min < sigma <= cfg.guide_max
-
 @torch.no_grad()
-def edm_sampler(net, z, class_emb, cfg, hw=None, guide=None, noise=None):
-    """EDM Algorithm 2: Heun's method on the probability-flow ODE dx/dσ = (x - D(x; σ))/σ from σ_0 = 80 to
-    0, each step after adding noise to reach σ̂ (churn; none by default: Algorithm 1). z (B, 3, 32, 32) ~
-    N(0, I); NFE in nfe(). Guidance denoises with D_g + w (D_c - D_g), where D_g is the unconditional model
-    (classifier-free, Ho & Salimans 2022) or, given `guide`, a weaker network's conditional one
-    (autoguidance, Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"). hw: the
-    precision the network runs in (None: float32 on z's device); noise: a torch.Generator for the churn."""
-    hw, null = hw or Hardware(z.device, "fp32"), net.class_embed(torch.full((len(z),), net.n_classes, device=z.device))
+def edm_sampler(net, z, classes, cfg, hw=None, guide=None):
+    """EDM Algorithm 1: Heun's method on the probability-flow ODE dx/dσ = (x - D(x; σ))/σ from σ_0 = 80 to
+    0. z (B, 3, 32, 32) ~ N(0, I); classes (B, n_classes + 1): weights over the class embeddings (one-hot;
+    a lerp of two for interpolations), which each network looks up in its own table. Guidance denoises
+    with D_u + w (D_c - D_u), D_u seeing no class: the model's own (classifier-free guidance, Ho & Salimans
+    2022) or, given `guide`, a worse version's, the EMA early in the run (autoguidance, Karras et al. 2024,
+    "Guiding a diffusion model with a bad version of itself"; here it steers towards the class as well).
+    NFE in nfe(). hw: the precision the network runs in (None: float32 on z's device)."""
+    hw, null = hw or Hardware(z.device, "fp32"), F.one_hot(torch.full((len(z),), net.n_classes), net.n_classes + 1)
+    embed = lambda network, weights: weights.float().to(z.device) @ network.class_embed.weight  # (B, emb_dim)
+    cond, weak = embed(net, classes), embed(guide or net, null)
     def denoise(x, sigma):  # float64 (B, 3, 32, 32) -> float64 D(x; σ)
         s, x = torch.full((len(x),), sigma, device=x.device, dtype=torch.float32), x.float()
         with autocast(hw):
-            if not guided(cfg, sigma):
-                return net(x, s, class_emb).double()
-            if guide is None:
-                cond, weak = net(torch.cat([x, x]), torch.cat([s, s]), torch.cat([class_emb, null])).float().chunk(2)
+            if cfg.guidance == 1:
+                return net(x, s, cond).double()
+            if guide is None:  # one batch of conditional and unconditional rows
+                d_c, d_u = net(torch.cat([x, x]), torch.cat([s, s]), torch.cat([cond, weak])).float().chunk(2)
             else:
-                cond, weak = net(x, s, class_emb).float(), guide(x, s, null if cfg.guide_uncond else class_emb).float()
-        return (weak + cfg.guidance * (cond - weak)).double()
+                d_c, d_u = net(x, s, cond).float(), guide(x, s, weak).float()
+        return (d_u + cfg.guidance * (d_c - d_u)).double()
     sigmas = edm_sigmas(cfg.sampler_steps).tolist()
-    x = z.double() * sigmas[0]  # a float64 state: the solver's update stays exact however the net runs
-    for s, (s_hat, s_next) in zip(sigmas, sampler_schedule(cfg)):
-        if s_hat > s:  # churn: x̂ = x + sqrt(σ̂² - σ²) S_noise ε
-            eps = torch.randn(x.shape, generator=noise, dtype=torch.float64).to(x.device)
-            x, s = x + (s_hat ** 2 - s ** 2) ** 0.5 * S_NOISE * eps, s_hat
+    x = z.double() * sigmas[0]  # float64: the update stays exact however the net runs
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         d = (x - denoise(x, s)) / s
         x_next = x + (s_next - s) * d  # Euler step
         if s_next > 0:  # second-order correction (Heun), skipped on the last step to σ = 0
@@ -480,8 +463,8 @@ def edm_sampler(net, z, class_emb, cfg, hw=None, guide=None, noise=None):
     return x.float()
 
 def nfe(cfg):
-    """Network evaluations per sample: Heun's 2 per step but the last, two where guidance acts."""
-    return sum(1 + guided(cfg, s_hat) + (s_next > 0) * (1 + guided(cfg, s_next)) for s_hat, s_next in sampler_schedule(cfg))
+    """Network evaluations per sample: Heun's 2 per step but the last, doubled by guidance."""
+    return (2 * cfg.sampler_steps - 1) * (1 + (cfg.guidance != 1))
 
 def to_uint8(x):
     """[-1, 1] floats -> uint8 images, as saved and as FID sees them."""
@@ -510,7 +493,7 @@ def train_generator(cfg, objects, x_train, y_train, hw, ckpt_path, run):
     curve, stop_at, t0 = run["curve"], stop_point(cfg.pause_at, run["step"], cfg.steps), time.time()
     checkpoint = lambda step: save_checkpoint(ckpt_path, "generate", cfg, objects, step=step, curve=curve,
                                               seconds=run["seconds"] + time.time() - t0)
-    log = Progress(run["step"], cfg.steps, stop_at, "loss")
+    log, guide_step = Progress(run["step"], cfg.steps, stop_at, "loss"), max(1, round(cfg.autoguide * cfg.steps))
     for step in range(run["step"], stop_at):
         seed_step(cfg.seed, step)  # noise levels, noise, dropout, flips
         lr = set_lr(opt, get_lr(step, cfg, round(cfg.warmup * cfg.steps)))
@@ -530,7 +513,7 @@ def train_generator(cfg, objects, x_train, y_train, hw, ckpt_path, run):
         ema_update(ema, net, power_ema_decay(cfg.ema, step))
         log.add(loss)
         done = step + 1
-        if guide is not None and done == max(1, round(cfg.autoguide * cfg.steps)):  # the guide: the EMA so far
+        if guide is not None and done == guide_step:  # the guide: the EMA so far, frozen
             guide.load_state_dict(ema.state_dict())
         if done % cfg.log_every == 0 or done == stop_at:
             curve["step"].append(done)
@@ -539,7 +522,8 @@ def train_generator(cfg, objects, x_train, y_train, hw, ckpt_path, run):
             with log.aside():
                 checkpoint(done)  # first: a Ctrl-C while the grid is drawn keeps these steps
                 if cfg.steps >= GRID_MIN_STEPS:  # a grid to watch the run by
-                    grid = sample_images(ema.eval(), torch.arange(64) % 100, cfg, hw, cfg.seed, guide)
+                    grid = sample_images(ema.eval(), torch.arange(64) % 100, cfg, hw, cfg.seed,
+                                         guide if done >= guide_step else None)  # before the guide: CFG
                     save_grid(os.path.join(cfg.out, "progress.png"), grid, 8, f"EMA samples after {done:,} steps")
         if STOP:
             checkpoint(done)
@@ -550,12 +534,12 @@ def train_generator(cfg, objects, x_train, y_train, hw, ckpt_path, run):
     return dict(step=stop_at, curve=curve, seconds=run["seconds"] + time.time() - t0)
 
 def sample_images(net, labels, cfg, hw, seed, guide=None):
-    """Samples for the given class labels from fresh noise z (seeded): (N,) -> uint8 (N, 3, 32, 32)."""
+    """Samples for the class labels from fresh, seeded noise z: (N,) -> uint8 (N, 3, 32, 32)."""
     g, out, t0 = torch.Generator().manual_seed(seed), [], time.time()
     for i in range(0, len(labels), cfg.sample_batch):
         lab = labels[i:i + cfg.sample_batch].to(hw.device)
         z = torch.randn(len(lab), 3, 32, 32, generator=g).to(hw.device)
-        out.append(to_uint8(edm_sampler(net, z, net.class_embed(lab), cfg, hw, guide, noise=g)).cpu())
+        out.append(to_uint8(edm_sampler(net, z, F.one_hot(lab, net.n_classes + 1), cfg, hw, guide)).cpu())
         done, rate = i + len(lab), (i + len(lab)) / (time.time() - t0)
         print(f"sampling {done}/{len(labels)} | {rate:.1f} img/s | eta {fmt_time((len(labels) - done) / rate)}",
               file=sys.stderr, flush=True)
@@ -565,21 +549,21 @@ def sample_images(net, labels, cfg, hw, seed, guide=None):
     return torch.cat(out)
 
 def interpolations(net, cfg, hw, seed, guide=None, pairs=8, frames=10):
-    """Per pair: slerp the noise, lerp the class embedding, run the deterministic sampler (no churn). Frames
-    0 and -1 are exactly the two endpoint samples.  -> uint8 (pairs * frames, 3, 32, 32), the two classes"""
+    """Per pair: slerp the noise, lerp the class embedding, run the sampler. Frames 0 and -1 are exactly the
+    two endpoint samples.  -> uint8 (pairs * frames, 3, 32, 32), the two classes"""
     g = torch.Generator().manual_seed(seed + 1)
     za, zb = torch.randn(pairs, 3, 32, 32, generator=g), torch.randn(pairs, 3, 32, 32, generator=g)
     la, lb = (torch.randint(0, net.n_classes, (pairs,), generator=g) for _ in range(2))
-    ea, eb = net.class_embed(la.to(hw.device)), net.class_embed(lb.to(hw.device))
+    ea, eb = (F.one_hot(labels, net.n_classes + 1).float() for labels in (la, lb))  # (pairs, n_classes + 1)
     ts = torch.linspace(0, 1, frames).tolist()
     z = torch.stack([slerp(za[p], zb[p], t) for p in range(pairs) for t in ts]).to(hw.device)
-    emb = torch.stack([(1 - t) * ea[p] + t * eb[p] for p in range(pairs) for t in ts])
-    return to_uint8(edm_sampler(net, z, emb, replace(cfg, churn=0.0), hw, guide)).cpu(), (la, lb)
+    classes = torch.stack([(1 - t) * ea[p] + t * eb[p] for p in range(pairs) for t in ts])
+    return to_uint8(edm_sampler(net, z, classes, cfg, hw, guide)).cpu(), (la, lb)
 
 def generate(cfg):
     """`python mm.py generate`: set up (fresh, or from the checkpoint) -> train -> samples and figures ->
     scores. Every count reported (steps, seconds) comes from the checkpoint that made the samples."""
-    check_numbers(cfg, below={"ema": 0.28, "warmup": 1, "dropout": 1, "p_uncond": 1})
+    check_numbers(cfg, below={"ema": 0.28, "warmup": 1, "dropout": 1, "p_uncond": 1, "autoguide": 1})
     t_start, ckpt_path = time.time(), cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     if cfg.sample_only:  # the network and its training record come from the checkpoint
         if not os.path.exists(ckpt_path):
@@ -617,7 +601,7 @@ def generate(cfg):
     frames, classes = interpolations(ema, cfg, hw, cfg.seed, guide)
     save_grid(out("interpolations.png"), frames, 10, "8 pairs: slerp of noise, lerp of class")
     metrics = dict(command="generate", params=n_params, steps=run["step"],
-                   sampler=f"EDM Heun (Karras et al. 2022, Alg. {1 + (cfg.churn > 0)})",
+                   sampler="EDM Heun (Karras et al. 2022, Alg. 1)",
                    sampler_steps=cfg.sampler_steps, nfe=nfe(cfg), guidance=cfg.guidance, fid_samples=len(images),
                    sample_seconds=sample_seconds, interpolation_classes=[c.tolist() for c in classes],
                    loss_curve=run["curve"], train_seconds=run["seconds"], checkpoint=ckpt_path,
@@ -625,7 +609,7 @@ def generate(cfg):
     save_json(out("metrics.json"), metrics)  # the samples' record survives a failure below
     x_test = data.load_test("cifar100", cfg.data_dir or None)[0]  # the test split only ever scores
     metrics.update(fid.score_samples(images, train[0], x_test, hw.device, cfg.data_dir or None))
-    metrics["wall_seconds"] = time.time() - t_start  # this call: setup, any training, sampling, scoring
+    metrics["wall_seconds"] = time.time() - t_start  # this call: setup, training, sampling, scoring
     save_json(out("metrics.json"), metrics)
     near = metrics["neighbours"]  # the first 8 samples, then the 8 nearest to a training image
     nearest = lambda j, mirrored: train[0][j].flip(2).cpu() if mirrored else train[0][j].cpu()  # (3, 32, 32)
@@ -683,7 +667,7 @@ class VGG(nn.Module):
     parameters); depth 38: 5 per stage (37 convs + 1 linear, 336,196 parameters)."""
     def __init__(self, depth=38, bn=False, residual=False, filters=32, n_classes=100, stages=3):
         super().__init__()
-        per_stage = (depth - 2 - 2 * stages) // (2 * stages)  # depth = 1 + stages (2 blocks + 2) + 1
+        per_stage = (depth - 2 - 2 * stages) // (2 * stages)  # depth = 2 + stages (2 per + 2)
         if 1 + stages * (2 * per_stage + 2) + 1 != depth or per_stage < 0:
             raise UserError(f"--depth {depth} cannot be built of {stages} stages (use 8, 14, 20, ... 38)")
         self.entry = nn.Sequential(nn.Conv2d(3, filters, 3, padding=1, bias=False), nn.BatchNorm2d(filters),
@@ -730,7 +714,7 @@ COMPARISONS = [  # the five reference configurations and their published train /
 ]
 
 def run_folder(out, name):
-    """OUT/<configuration>: 'VGG_38 + BN (lr 1e-2)' -> OUT/VGG_38_BN_lr_1e_2 (the report reads it)."""
+    """OUT/<configuration>: 'VGG_38 + BN (lr 1e-2)' -> OUT/VGG_38_BN_lr_1e_2 (report reads it)."""
     return os.path.join(out, re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"))
 
 def train_vgg(cfg, seed, run_dir, splits, hw):
@@ -862,7 +846,7 @@ def gradflow(cfg):
     return rows
 
 def depth_row(row):
-    """A configuration's summary as text, mean ± std over seeds: the command's table, the report's."""
+    """A configuration's summary as text, mean ± std over seeds: for the command and the report."""
     text = lambda key, f="{:.3f} ± {:.3f}": f.format(row[f"{key}_mean"], row[f"{key}_std"])
     return {"configuration": row["name"], "lr": f"{row['lr']:.0e}", "params": f"{row['params']:,}",
             "train loss": text("train_loss"), "train acc %": percent((row["train_acc_mean"], row["train_acc_std"])),
@@ -907,7 +891,7 @@ def enforce_budget(name, value, limit, inclusive, allow_penalty):
         raise UserError(f"{name.lower()} {value:,} breaks the budget ({rule}); reduce it, or pass "
                         f"--allow-penalty to accept the coursework penalty of -{penalty} marks")
     if penalty:
-        print(f"! over budget: {name.lower()} {value:,} costs -{penalty} marks by the coursework rules")
+        print(f"! over budget: {name.lower()} {value:,} costs -{penalty} marks (coursework rules)")
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -1034,8 +1018,7 @@ def paused(done, cfg, unit="step"):
 # with the values it was trained with.
 RESUME_FREE = {"data_dir", "out", "allow_penalty", "runs", "compare", "eval_every", "log_every", "device",
                "precision", "deterministic", "resume", "sample_only", "pause_at", "ckpt",
-               "sampler_steps", "guidance", "guide_min", "guide_max", "guide_uncond", "churn", "fid_samples",
-               "sample_batch"}
+               "sampler_steps", "guidance", "fid_samples", "sample_batch"}
 
 def save_checkpoint(path, command, cfg, objects, **record):
     """The objects' states, the config and the run's record, saved atomically (a .tmp renamed into
@@ -1148,7 +1131,7 @@ def save_json(path, obj):
     os.replace(path + ".tmp", path)
 
 def mean_std(values):
-    """Mean and sample standard deviation (n - 1; 0 for a single value), as the coursework reports."""
+    """Mean and sample standard deviation (n - 1; 0 for one value), as the coursework reports."""
     v = np.asarray(values, dtype=np.float64)
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
@@ -1162,10 +1145,10 @@ def print_table(rows):
         print("  ".join(str(v).rjust(w) for v, w in zip(r.values(), widths)))
 
 # ---------------------------------------------------------------------------------------------
-# Figures: line charts and image grids as PNG, drawn with Pillow; every chart's numbers also in a CSV
+# Figures: line charts and image grids as PNG, drawn with Pillow; each chart's numbers in a CSV
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
-Line = namedtuple("Line", "label xs ys colour band", defaults=(None,))  # band: (lows, highs), shaded
+Line = namedtuple("Line", "label xs ys colour band", defaults=(None,))  # band: (lows, highs)
 
 def nice_ticks(lo, hi, count=5, integer=False):
     """Round ticks spanning [lo, hi]: steps of 1, 2, 2.5 or 5 times a power of ten (whole for integers)."""
@@ -1189,7 +1172,7 @@ def line_plot(path, lines, title, xlabel, ylabel, size=(975, 600), logy=False, p
     W, H = size
     font = ImageFont.load_default(size=max(12, W // 40))
     fy = (lambda y: math.log10(max(y, 1e-30))) if logy else (lambda y: 100 * y if percent else y)
-    legend = dict((line.label, line.colour) for line in lines)  # same-label lines share one legend row
+    legend = dict((line.label, line.colour) for line in lines)  # one legend row per label
     legend_w = max(font.getlength(label) for label in legend) + 50
     right, top = legend_w + 20, 30 + font.size * 2
     bottom = font.size * 3 + 10 if xlabels is None else max(font.getlength(t) for _, t in xlabels) + font.size * 2 + 20
@@ -1248,7 +1231,7 @@ def save_grid(path, images, nrow, title, scale=2, pad=2, gap_after=None):
     canvas = Image.new("RGB", (nrow * (w * scale + pad) + pad + gap,
                                math.ceil(n / nrow) * (h * scale + pad) + pad + GRID_TITLE), "white")
     font = ImageFont.load_default(size=14)
-    while font.getlength(title) > canvas.width - 2 * pad and font.size > 8:  # a title that fits its bar
+    while font.getlength(title) > canvas.width - 2 * pad and font.size > 8:  # the title fits
         font = ImageFont.load_default(size=font.size - 1)
     ImageDraw.Draw(canvas).text((pad, GRID_TITLE // 2), title, fill="black", font=font, anchor="lm")
     for i, img in enumerate(images.cpu()):
@@ -1258,7 +1241,7 @@ def save_grid(path, images, nrow, title, scale=2, pad=2, gap_after=None):
     canvas.save(path)
 
 def plot_accuracy(path, results):
-    """Train and test accuracy over steps: one colour per run, labelled by its seed (percent axis)."""
+    """Train and test accuracy over steps: one colour per run, labelled by its seed."""
     lines = [Line(f"{split}, seed {r['seed']}", r["curves"]["step"], r["curves"][f"{split}_acc"],
                   tuple(v // (1 + (split == "test")) for v in PALETTE[i % len(PALETTE)]))
              for i, r in enumerate(results) for split in ("train", "test")]
@@ -1277,14 +1260,14 @@ def plot_run(run_dir, result):
               "accuracy per epoch", "epoch", "accuracy", percent=True)
 
 # ---------------------------------------------------------------------------------------------
-# Report: the coursework papers' tables and figures from finished run folders (report.md, report.tex)
+# Report: the coursework papers' tables and figures from finished runs (report.md, report.tex)
 
 @dataclass
 class ReportConfig:
     classify: str = ""  # a finished classify run folder (empty: leave the classifier out)
     generate: str = ""  # a finished generate run folder (empty: leave the generator out)
     gradflow: str = ""  # a finished gradflow run folder, e.g. from --compare (empty: leave it out)
-    scaling: str = ""  # a folder of finished runs at other budgets (real.json: real images' figures)
+    scaling: str = ""  # a folder of finished runs at other budgets (+ real.json: real images)
     out: str = "runs/report"  # for report.md, report.tex, the figures (PNG, 300 dpi) and CSVs
 
 TEX = {"\\": r"\textbackslash{}", "%": r"\%", "_": r"\_", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
@@ -1463,19 +1446,19 @@ def report_depth_study(rep, m, folder):
                                      "classifier: the plain 38-layer network's vanishes towards its entry.")
 
 def report(cfg):
-    """`python mm.py report`: report.md and report.tex with every table and figure the papers need."""
+    """`python mm.py report`: report.md and report.tex with the tables and figures papers need."""
     named = {c: getattr(cfg, c) for c in ("classify", "generate", "gradflow") if getattr(cfg, c)}
     if not named and not cfg.scaling:
         raise UserError("name at least one finished run: --classify, --generate, --gradflow or --scaling DIR")
-    for command, folder in [*named.items(), ("report", cfg.out)]:  # refused before anything is written
+    for command, folder in [*named.items(), ("report", cfg.out)]:  # refused before any write
         refuse_other_run(folder, command)
     found = {c: json.load(open(os.path.join(d, "metrics.json"))) for c, d in named.items()
              if os.path.isfile(os.path.join(d, "metrics.json"))}
     for command in set(named) - set(found):
         print(f"{command}: {named[command]} has no metrics.json (an unfinished run); left out")
-    if cfg.scaling:  # refused before anything is written
+    if cfg.scaling:  # refused before any write
         found.update({f"{c}_scaling": p for c, p in scaling_points(cfg.scaling).items()})
-    real = os.path.join(cfg.scaling, "real.json")  # the real test images' figures beside generate runs
+    real = os.path.join(cfg.scaling, "real.json")  # real test images' figures
     real = json.load(open(real)) if cfg.scaling and os.path.isfile(real) else None
     if not found:
         raise UserError("none of the named runs has finished (no metrics.json); nothing to report")
@@ -1485,7 +1468,7 @@ def report(cfg):
                     generate_scaling=lambda m: report_generator_scaling(rep, m, real),
                     generate=lambda m: report_generator(rep, m, cfg.generate),
                     gradflow=lambda m: report_depth_study(rep, m, cfg.gradflow))
-    for name in [name for name in sections if name in found]:  # in this order, each with a finished run
+    for name in [name for name in sections if name in found]:  # in order, if finished
         try:
             sections[name](found[name])
         except KeyError as e:  # a record written before mm.py reported that figure
@@ -1533,7 +1516,7 @@ def train_step(model, loss_fn, hw):
     return step
 
 def bench(cfg):
-    """`python mm.py bench`: time the default training steps, the sampler and Inception; bench.json."""
+    """`python mm.py bench`: time default training steps, the sampler and Inception; bench.json."""
     check_numbers(cfg)
     refuse_other_run(cfg.out, "bench")
     hw = pick_hardware(cfg)
@@ -1544,7 +1527,7 @@ def bench(cfg):
     (x, y), (xg, yg), (xv, yv) = batch(c.batch_size, 28, 20), batch(g.batch_size, 32, 100), batch(100, 32, 100)
     unet, n_sample, n_fid = make_unet(g), *((1000, 200) if dev.type == "cuda" else (8, 10))  # a CPU is slow
     z, labels = torch.randn(n_sample, 3, 32, 32, device=dev), torch.arange(n_sample, device=dev) % 100
-    inception = fid.FIDInceptionV3().eval().to(dev)  # random weights: the same work as the real ones
+    inception = fid.FIDInceptionV3().eval().to(dev)  # random weights: the same work
     images = torch.randint(0, 256, (n_fid, 3, 32, 32), dtype=torch.uint8)
     rows = [("classify", f"train step, batch {c.batch_size}", c.steps, 1, train_step(DigitSumNet(c.arch), lambda m:
              F.cross_entropy(m(augment_digits(x, c, -0.42)).float(), y), hw)),
@@ -1553,7 +1536,7 @@ def bench(cfg):
             ("gradflow", "VGG_38 train step, batch 100", v.epochs * 475, 1,
              train_step(VGG(38), lambda m: F.cross_entropy(m(xv).float(), yv), hw)),
             ("generate", f"sampler, NFE {nfe(g)}, {n_sample} images", g.fid_samples, n_sample,
-             lambda: edm_sampler(unet.eval(), z, unet.class_embed(labels), g, hw)),
+             lambda: edm_sampler(unet.eval(), z, F.one_hot(labels, 101), g, hw)),
             ("fid", f"Inception features, {n_fid} images", 2 * g.fid_samples, n_fid,
              lambda: fid.inception_features(images, inception, quiet=True))]
     rows = [dict(command=command, what=what, count=count,
@@ -1580,7 +1563,7 @@ COMMANDS = {"classify": (ClassifyConfig, classify, "train the AddNIST classifier
             "bench": (BenchConfig, bench, "time each command's training step, the sampler and Inception")}
 
 def field_help(cls):
-    """{field: its trailing comment}, read from the dataclass sources, so help and code never drift."""
+    """{field: its trailing comment}, from the dataclass sources: help and code never drift."""
     source = "".join(inspect.getsource(c) for c in cls.__mro__ if c is not object)
     return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M))
 
