@@ -308,10 +308,8 @@ class GenerateConfig(RunConfig):
     p_std: float = 1.4  # standard deviation of ln σ during training
     p_uncond: float = 0.1  # probability of dropping the label (trains the unconditional model too)
     flip: bool = True  # random horizontal flips (right for CIFAR; --no-flip for the digit stand-in)
-    sampler_steps: int = 18  # Heun steps (NFE = 2 steps - 1, times the networks each step asks: up to 3)
-    guidance: float = 2.0  # classifier-free guidance w (1 = none)
-    autoguidance: float = 1.0  # autoguidance a (1 = none): away from the guide, which sees the class too
-    autoguide: float = 0.2  # the guide: the EMA frozen at this fraction of the run (0 = none, no a)
+    sampler_steps: int = 18  # Heun steps (NFE = 2 steps - 1, doubled when guidance != 1)
+    guidance: float = 2.0  # guidance w (1 = none, half the cost), chosen at 8,000 steps x 64; at 2,000: 3 reads best
     fid_samples: int = 10_000  # samples drawn for FID and samples.npz (at least the grid's 64)
     sample_batch: int = 1000  # samples per sampler call
 
@@ -432,28 +430,20 @@ def edm_loss(net, x, labels, cfg):
     return (weight[:, None, None, None] * (denoised.float() - x) ** 2).mean()
 
 @torch.no_grad()
-def edm_heun_sampler(net, z, classes, cfg, hw=None, guide=None):
+def edm_heun_sampler(net, z, class_emb, steps, guidance=1.0, hw=None):
     """EDM Algorithm 1 (deterministic, S_churn = 0): Heun's method on the probability-flow ODE
-    dx/dσ = (x - D(x; σ))/σ from σ_0 = 80 to 0. z (B, 3, 32, 32) ~ N(0, I); classes (B, n_classes + 1):
-    weights over the class embeddings (one-hot; a lerp of two for interpolations), which each network looks
-    up in its own table. Guided, D = D_c + (w - 1)(D_c - D_u) + (a - 1)(D_c - D_g): classifier-free
-    guidance (Ho & Salimans 2022) pushes away from the model without a class (D_u) towards the class;
-    autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself") pushes
-    away from a worse version of the model, its EMA early in the run, given the same class (D_g), towards
-    quality without the loss of diversity. NFE in nfe(). hw: the precision the network runs in."""
-    hw, null = hw or Hardware(z.device, "fp32"), F.one_hot(torch.full((len(z),), net.n_classes), net.n_classes + 1)
-    embed = lambda network, weights: weights.float().to(z.device) @ network.class_embed.weight  # (B, emb_dim)
-    cond, uncond, a = embed(net, classes), embed(net, null), cfg.autoguidance if guide is not None else 1
+    dx/dσ = (x - D(x; σ))/σ from σ_0 = 80 to 0. z (B, 3, 32, 32) ~ N(0, I); NFE = 2 steps - 1 (twice that
+    guided). Classifier-free guidance (Ho & Salimans 2022) denoises with D_u + w (D_c - D_u); w = 1 is
+    the plain conditional model. hw: the precision the network runs in (None: float32 on z's device)."""
+    hw, null = hw or Hardware(z.device, "fp32"), net.class_embed(torch.full((len(z),), net.n_classes, device=z.device))
     def denoise(x, sigma):  # float64 (B, 3, 32, 32) -> float64 D(x; σ)
         s, x = torch.full((len(x),), sigma, device=x.device, dtype=torch.float32), x.float()
         with autocast(hw):
-            if cfg.guidance == 1:
-                d_c = d_u = net(x, s, cond).float()
-            else:  # one batch of conditional and unconditional rows
-                d_c, d_u = net(torch.cat([x, x]), torch.cat([s, s]), torch.cat([cond, uncond])).float().chunk(2)
-            d_g = guide(x, s, embed(guide, classes)).float() if a != 1 else d_c
-        return (d_c + (cfg.guidance - 1) * (d_c - d_u) + (a - 1) * (d_c - d_g)).double()
-    sigmas = edm_sigmas(cfg.sampler_steps).tolist()
+            if guidance == 1:
+                return net(x, s, class_emb).double()
+            cond, uncond = net(torch.cat([x, x]), torch.cat([s, s]), torch.cat([class_emb, null])).float().chunk(2)
+        return (uncond + guidance * (cond - uncond)).double()
+    sigmas = edm_sigmas(steps).tolist()
     x = z.double() * sigmas[0]  # float64: the update stays exact however the net runs
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         d = (x - denoise(x, s)) / s
@@ -464,8 +454,8 @@ def edm_heun_sampler(net, z, classes, cfg, hw=None, guide=None):
     return x.float()
 
 def nfe(cfg):
-    """Network evaluations per sample: Heun's 2 per step but the last, times the networks each step asks."""
-    return (2 * cfg.sampler_steps - 1) * (1 + (cfg.guidance != 1) + (cfg.autoguide > 0 and cfg.autoguidance != 1))
+    """Network evaluations per sample: Heun's 2 per step but the last, two passes each when guided."""
+    return (2 * cfg.sampler_steps - 1) * (1 if cfg.guidance == 1 else 2)
 
 def to_uint8(x):
     """[-1, 1] floats -> uint8 images, as saved and as FID sees them."""
@@ -489,12 +479,12 @@ def power_ema_decay(sigma_rel, step):
 
 def train_generator(cfg, objects, x_train, y_train, hw, ckpt_path, run):
     """The budgeted loop from run["step"]; returns the run record at the end (None when paused).
-    objects: the model, its EMA, the optimiser, the scaler and, with --autoguide, the guide."""
-    net, ema, opt, scaler, guide = (objects.get(k) for k in ("model", "ema", "opt", "scaler", "guide"))
+    objects: the model, its EMA, the optimiser and the scaler."""
+    net, ema, opt, scaler = (objects[k] for k in ("model", "ema", "opt", "scaler"))
     curve, stop_at, t0 = run["curve"], stop_point(cfg.pause_at, run["step"], cfg.steps), time.time()
     checkpoint = lambda step: save_checkpoint(ckpt_path, "generate", cfg, objects, step=step, curve=curve,
                                               seconds=run["seconds"] + time.time() - t0)
-    log, guide_step = Progress(run["step"], cfg.steps, stop_at, "loss"), max(1, round(cfg.autoguide * cfg.steps))
+    log = Progress(run["step"], cfg.steps, stop_at, "loss")
     for step in range(run["step"], stop_at):
         seed_step(cfg.seed, step)  # noise levels, noise, dropout, flips
         lr = set_lr(opt, get_lr(step, cfg, round(cfg.warmup * cfg.steps)))
@@ -514,8 +504,6 @@ def train_generator(cfg, objects, x_train, y_train, hw, ckpt_path, run):
         ema_update(ema, net, power_ema_decay(cfg.ema, step))
         log.add(loss)
         done = step + 1
-        if guide is not None and done == guide_step:  # the guide: the EMA so far, frozen
-            guide.load_state_dict(ema.state_dict())
         if done % cfg.log_every == 0 or done == stop_at:
             curve["step"].append(done)
             curve["loss"] += log.line(done, lr=f"{lr:.1e}")
@@ -523,8 +511,7 @@ def train_generator(cfg, objects, x_train, y_train, hw, ckpt_path, run):
             with log.aside():
                 checkpoint(done)  # first: a Ctrl-C while the grid is drawn keeps these steps
                 if cfg.steps >= GRID_MIN_STEPS:  # a grid to watch the run by
-                    grid = sample_images(ema.eval(), torch.arange(64) % 100, cfg, hw, cfg.seed,
-                                         guide if done >= guide_step else None)  # no guide yet: CFG alone
+                    grid = sample_images(ema.eval(), torch.arange(64) % 100, cfg, hw, cfg.seed)
                     save_grid(os.path.join(cfg.out, "progress.png"), grid, 8, f"EMA samples after {done:,} steps")
         if STOP:
             checkpoint(done)
@@ -534,13 +521,13 @@ def train_generator(cfg, objects, x_train, y_train, hw, ckpt_path, run):
         return paused(stop_at, cfg)
     return dict(step=stop_at, curve=curve, seconds=run["seconds"] + time.time() - t0)
 
-def sample_images(net, labels, cfg, hw, seed, guide=None):
+def sample_images(net, labels, cfg, hw, seed):
     """Samples for the class labels from fresh, seeded noise z: (N,) -> uint8 (N, 3, 32, 32)."""
     g, out, t0 = torch.Generator().manual_seed(seed), [], time.time()
     for i in range(0, len(labels), cfg.sample_batch):
         lab = labels[i:i + cfg.sample_batch].to(hw.device)
         z = torch.randn(len(lab), 3, 32, 32, generator=g).to(hw.device)
-        out.append(to_uint8(edm_heun_sampler(net, z, F.one_hot(lab, net.n_classes + 1), cfg, hw, guide)).cpu())
+        out.append(to_uint8(edm_heun_sampler(net, z, net.class_embed(lab), cfg.sampler_steps, cfg.guidance, hw)).cpu())
         done, rate = i + len(lab), (i + len(lab)) / (time.time() - t0)
         print(f"sampling {done}/{len(labels)} | {rate:.1f} img/s | eta {fmt_time((len(labels) - done) / rate)}",
               file=sys.stderr, flush=True)
@@ -549,22 +536,22 @@ def sample_images(net, labels, cfg, hw, seed, guide=None):
                             "training, --sample-only draws the samples again")
     return torch.cat(out)
 
-def interpolations(net, cfg, hw, seed, guide=None, pairs=8, frames=10):
+def interpolations(net, cfg, hw, seed, pairs=8, frames=10):
     """Per pair: slerp the noise, lerp the class embedding, run the deterministic sampler. Frames 0 and
     -1 are exactly the two endpoint samples.  -> uint8 (pairs * frames, 3, 32, 32), the two classes"""
     g = torch.Generator().manual_seed(seed + 1)
     za, zb = torch.randn(pairs, 3, 32, 32, generator=g), torch.randn(pairs, 3, 32, 32, generator=g)
     la, lb = (torch.randint(0, net.n_classes, (pairs,), generator=g) for _ in range(2))
-    ea, eb = (F.one_hot(labels, net.n_classes + 1).float() for labels in (la, lb))  # (pairs, n_classes + 1)
+    ea, eb = net.class_embed(la.to(hw.device)), net.class_embed(lb.to(hw.device))
     ts = torch.linspace(0, 1, frames).tolist()
     z = torch.stack([slerp(za[p], zb[p], t) for p in range(pairs) for t in ts]).to(hw.device)
-    classes = torch.stack([(1 - t) * ea[p] + t * eb[p] for p in range(pairs) for t in ts])
-    return to_uint8(edm_heun_sampler(net, z, classes, cfg, hw, guide)).cpu(), (la, lb)
+    emb = torch.stack([(1 - t) * ea[p] + t * eb[p] for p in range(pairs) for t in ts])
+    return to_uint8(edm_heun_sampler(net, z, emb, cfg.sampler_steps, cfg.guidance, hw)).cpu(), (la, lb)
 
 def generate(cfg):
     """`python mm.py generate`: set up (fresh, or from the checkpoint) -> train -> samples and figures ->
     scores. Every count reported (steps, seconds) comes from the checkpoint that made the samples."""
-    check_numbers(cfg, below={"ema": 0.28, "warmup": 1, "dropout": 1, "p_uncond": 1, "autoguide": 1})
+    check_numbers(cfg, below={"ema": 0.28, "warmup": 1, "dropout": 1, "p_uncond": 1})
     t_start, ckpt_path = time.time(), cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     if cfg.sample_only:  # the network and its training record come from the checkpoint
         if not os.path.exists(ckpt_path):
@@ -582,9 +569,6 @@ def generate(cfg):
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), fused=hw.device.type == "cuda")
     objects = dict(model=net, ema=ema, opt=opt, scaler=grad_scaler(hw))
-    if cfg.autoguide:  # the guide: a frozen copy of the EMA, taken at that fraction of the run
-        objects["guide"] = copy.deepcopy(ema).eval()
-    guide = objects.get("guide")
     run = resume_from(ckpt_path, "generate", cfg, objects, step=0, curve={"step": [], "loss": []}, seconds=0.0)
     train = [torch.from_numpy(a).to(hw.device) for a in data.load_split("cifar100", "train", cfg.data_dir or None)]
     start_record(cfg, "generate", len(train[0]), cfg.resume or cfg.sample_only)
@@ -595,16 +579,15 @@ def generate(cfg):
         if run is None:  # paused
             return None
     labels, t0 = torch.arange(max(cfg.fid_samples, 64)) % 100, time.time()  # classes cycled
-    images = sample_images(ema.eval(), labels, cfg, hw, cfg.seed, guide)  # (N, 3, 32, 32) uint8
+    images = sample_images(ema.eval(), labels, cfg, hw, cfg.seed)  # (N, 3, 32, 32) uint8
     sample_seconds, out = time.time() - t0, lambda name: os.path.join(cfg.out, name)
     save_grid(out("samples.png"), images[:64], 8, "the first 64 samples (classes 0..63)")
     np.savez(out("samples.npz"), images=images.numpy(), labels=labels.numpy())
-    frames, classes = interpolations(ema, cfg, hw, cfg.seed, guide)
+    frames, classes = interpolations(ema, cfg, hw, cfg.seed)
     save_grid(out("interpolations.png"), frames, 10, "8 pairs: slerp of noise, lerp of class")
     metrics = dict(command="generate", params=n_params, steps=run["step"],
                    sampler="EDM Heun (Karras et al. 2022, Alg. 1)",
                    sampler_steps=cfg.sampler_steps, nfe=nfe(cfg), guidance=cfg.guidance, fid_samples=len(images),
-                   autoguidance=cfg.autoguidance if guide is not None else 1.0,
                    sample_seconds=sample_seconds, interpolation_classes=[c.tolist() for c in classes],
                    loss_curve=run["curve"], train_seconds=run["seconds"], checkpoint=ckpt_path,
                    device=str(hw.device), mixed_precision=hw.precision, config=asdict(cfg))
@@ -628,7 +611,7 @@ def generate_row(m):
     """The summary of a generate record in one line: the command's last words and the report's."""
     fid_text = "null" if m.get("fid") is None else f"{m['fid']:.2f}"
     return (f"{m['params']:,} parameters, {m['steps']:,} steps; {m['sampler']}, {m['sampler_steps']} steps (NFE "
-            f"{m['nfe']}), guidance {m['guidance']}, autoguidance {m.get('autoguidance', 1.0)}: FID {fid_text} on {m['fid_samples']:,} samples")
+            f"{m['nfe']}), guidance {m['guidance']}: FID {fid_text} on {m['fid_samples']:,} samples")
 
 # ---------------------------------------------------------------------------------------------
 # Depth study: a plain 38-layer CNN fails to train, gradient flow shows why, BN and residuals fix it
@@ -1020,7 +1003,7 @@ def paused(done, cfg, unit="step"):
 # with the values it was trained with.
 RESUME_FREE = {"data_dir", "out", "allow_penalty", "runs", "compare", "eval_every", "log_every", "device",
                "precision", "deterministic", "resume", "sample_only", "pause_at", "ckpt",
-               "sampler_steps", "guidance", "autoguidance", "fid_samples", "sample_batch"}
+               "sampler_steps", "guidance", "fid_samples", "sample_batch"}
 
 def save_checkpoint(path, command, cfg, objects, **record):
     """The objects' states, the config and the run's record, saved atomically (a .tmp renamed into
@@ -1538,7 +1521,7 @@ def bench(cfg):
             ("gradflow", "VGG_38 train step, batch 100", v.epochs * 475, 1,
              train_step(VGG(38), lambda m: F.cross_entropy(m(xv).float(), yv), hw)),
             ("generate", f"sampler, NFE {nfe(g)}, {n_sample} images", g.fid_samples, n_sample,
-             lambda: edm_heun_sampler(unet.eval(), z, F.one_hot(labels, 101), g, hw, unet)),
+             lambda: edm_heun_sampler(unet.eval(), z, unet.class_embed(labels), g.sampler_steps, g.guidance, hw)),
             ("fid", f"Inception features, {n_fid} images", 2 * g.fid_samples, n_fid,
              lambda: fid.inception_features(images, inception, quiet=True))]
     rows = [dict(command=command, what=what, count=count,
