@@ -374,14 +374,16 @@ def test_forward_noising_and_label_dropout_match_their_distributions():
     torch.manual_seed(0)
     cfg, net, x = mm.GenerateConfig(), RecordingNet(), torch.rand(4096, 3, 4, 4) * 2 - 1
     mm.edm_loss(net, x, torch.zeros(4096, dtype=torch.long), cfg)
-    noisy, sigma = net.seen
-    n = (noisy - x) / sigma[:, None, None, None]  # x_σ = x + σ n  =>  n ~ N(0, I)
+    noisy, sigma = net.seen  # each image noised twice: rows i and 4096 + i share the clean image
+    assert cfg.noise_draws == 2 and len(sigma) == 2 * 4096
+    n = (noisy - x.repeat(2, 1, 1, 1)) / sigma[:, None, None, None]  # x_σ = x + σ n  =>  n ~ N(0, I)
     assert abs(n.mean()) < 0.01 and abs(n.std() - 1) < 0.01
-    ls = sigma.log()  # ln σ ~ N(P_mean, P_std²)
+    ls = sigma.log()  # ln σ ~ N(P_mean, P_std²), drawn independently for the two copies
     assert abs(ls.mean() - cfg.p_mean) < 0.06 and abs(ls.std() - cfg.p_std) < 0.06
+    assert abs(torch.corrcoef(ls.view(2, -1))[0, 1]) < 0.06 and abs(torch.corrcoef(n.view(2, -1))[0, 1]) < 0.01
     labels = torch.randint(0, 100, (20_000,), generator=torch.Generator().manual_seed(0))
     for rate in (0.0, 0.1, 0.5, 1.0):  # labels become the null class 100 at rate p_uncond
-        mm.edm_loss(net, torch.zeros(len(labels), 3, 1, 1), labels, tiny_gen_cfg("", "", p_uncond=rate))
+        mm.edm_loss(net, torch.zeros(len(labels), 3, 1, 1), labels, mm.GenerateConfig(p_uncond=rate, noise_draws=1))
         dropped = net.labels == 100
         assert abs(dropped.float().mean().item() - rate) < 0.015, (rate, dropped.float().mean())  # ~5 std
         assert torch.equal(net.labels[~dropped], labels[~dropped])  # the others keep their class
@@ -391,8 +393,9 @@ class GaussianDenoiser(torch.nn.Module):
     n_classes = 100
     def __init__(self, sd=0.5):
         super().__init__()
-        self.sd, self.class_embed = sd, torch.nn.Embedding(101, 4)
+        self.sd, self.class_embed, self.evals = sd, torch.nn.Embedding(101, 4), 0
     def forward(self, x, sigma, emb):
+        self.evals += len(x)  # network evaluations, counted per image
         return x * self.sd ** 2 / (sigma[:, None, None, None] ** 2 + self.sd ** 2)
 
 def test_heun_sampler_solves_the_ode():
@@ -405,6 +408,10 @@ def test_heun_sampler_solves_the_ode():
            for n in (18, 100, 200)}
     assert err[200] < 1e-3 and err[18] < 0.1, err
     assert 3.0 < err[100] / err[200] < 5.0, err  # doubling the steps divides the error by ~4: second order (Heun)
+    for w in (1.0, 2.0):  # the NFE metrics.json records is what the sampler spends (guided: both branches)
+        net.evals = 0
+        assert torch.allclose(mm.edm_heun_sampler(net, z, emb, 18, w), exact, rtol=0.1, atol=0.1 * exact.abs().max())
+        assert net.evals == len(z) * mm.nfe(tiny_gen_cfg("", "", sampler_steps=18, guidance=w)), (w, net.evals)
     print(f"OK Heun sampler vs exact ODE solution (rel err {err[18]:.1e} at 18 steps, {err[200]:.1e} at 200, "
           f"order {math.log2(err[100] / err[200]):.2f})")
 
