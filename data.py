@@ -2,6 +2,7 @@
 
     python data.py addnist  [--data-dir DIR]   # fetch and check AddNIST  (about 629 MB)
     python data.py cifar100 [--data-dir DIR]   # fetch and check CIFAR-100 (about 169 MB)
+    python data.py cifar10  [--data-dir DIR]   # fetch and check CIFAR-10  (about 170 MB)
 
 Everything lives under one cache root: --data-dir, else $MM_DATA, else ./data. A file already in
 place is used without touching the network, once its checksum matches; MM_TRUST_LOCAL=1 skips that
@@ -13,6 +14,7 @@ Loaders return numpy arrays. The test split has its own entry point, `load_test(
 evaluation code calls: `load_split()` refuses it, so a training loop cannot draw from it by accident.
 """
 import argparse
+import functools
 import hashlib
 import io
 import os
@@ -32,9 +34,15 @@ import requests
 ADDNIST_URL = "https://data.ncl.ac.uk/ndownloader/articles/24574354/versions/1"
 ADDNIST_FILES = [f"{s}_{k}.npy" for s in ("train", "valid", "test") for k in ("x", "y")]
 ADDNIST_SIZES = {"train": 45_000, "valid": 15_000, "test": 10_000}  # official split sizes
-CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
-CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
-CIFAR100_BYTES = 169_001_437
+# CIFAR (Krizhevsky 2009): the official archive, its md5 and size, the folder inside it, the pickles of each
+# split, the key of the labels and how many classes there are
+CIFAR = {"cifar100": dict(url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                          md5="eb9058c3a382ffc7106e4002c42a8d85", size=169_001_437, folder="cifar-100-python",
+                          train=["train"], test=["test"], labels=b"fine_labels", classes=100),
+         "cifar10": dict(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                         md5="c58f30108f718f92721af3b95e74349a", size=170_498_071, folder="cifar-10-batches-py",
+                         train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"], labels=b"labels",
+                         classes=10)}
 
 
 class UserError(Exception):
@@ -211,38 +219,39 @@ def load_addnist(data_dir, split):
 
 
 # ----------------------------------------------------------------------------------------------
-# CIFAR-100: the python pickles inside the official tar.gz
+# CIFAR-100 and CIFAR-10: the python pickles inside the official tar.gz
 
-def load_cifar100(data_dir, split):
-    """(x uint8 (N,3,32,32), y int64 (N,) fine labels 0..99) for split 'train' or 'test'."""
-    root = data_root(data_dir)
-    path = download(CIFAR100_URL, os.path.join(root, "cifar-100-python.tar.gz"),
-                    md5=CIFAR100_MD5, size=CIFAR100_BYTES)
-    member = f"cifar-100-python/{split}"
+def load_cifar(name, data_dir, split):
+    """(x uint8 (N,3,32,32), y int64 (N,) labels 0..classes-1) of CIFAR-100 or CIFAR-10, split 'train' or 'test'."""
+    spec = CIFAR[name]
+    path = download(spec["url"], os.path.join(data_root(data_dir), os.path.basename(spec["url"])),
+                    md5=spec["md5"], size=spec["size"])
+    members = [f"{spec['folder']}/{m}" for m in spec[split]]
     try:
         with tarfile.open(path, "r:gz") as tar:
-            names = tar.getnames()
-            if member not in names:
-                raise UserError(f"{path} has no {member}; is it the CIFAR-100 python archive?")
-            d = pickle.load(tar.extractfile(member), encoding="bytes")
+            missing = sorted(set(members) - set(tar.getnames()))
+            if missing:
+                raise UserError(f"{path} has no {missing[0]}; is it the {name} python archive?")
+            batches = [pickle.load(tar.extractfile(m), encoding="bytes") for m in members]
     except (tarfile.TarError, EOFError, OSError, pickle.UnpicklingError) as e:
         raise UserError(f"{path} is truncated or corrupt ({type(e).__name__}); delete it and run again") from None
     try:
-        x, y = np.asarray(d[b"data"]), np.asarray(d[b"fine_labels"], dtype=np.int64)
-    except (KeyError, TypeError):
-        raise UserError(f"{member} in {path} lacks b'data' / b'fine_labels'") from None
+        x = np.concatenate([np.asarray(d[b"data"]) for d in batches])
+        y = np.concatenate([np.asarray(d[spec["labels"]], dtype=np.int64) for d in batches])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{members[0]} in {path} lacks b'data' / {spec['labels']}") from None
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or y.shape != (len(x),):
-        raise UserError(f"{member} in {path} holds data {x.dtype} {x.shape}, expected uint8 (N, 3072)")
-    if len(y) and (y.min() < 0 or y.max() >= 100):
-        raise UserError(f"{member} in {path} has fine labels outside 0..99")
+        raise UserError(f"{members[0]} in {path} holds data {x.dtype} {x.shape}, expected uint8 (N, 3072)")
+    if len(y) and (y.min() < 0 or y.max() >= spec["classes"]):
+        raise UserError(f"{members[0]} in {path} has labels outside 0..{spec['classes'] - 1}")
     return x.reshape(-1, 3, 32, 32), y  # rows are channel-major: 1024 red, 1024 green, 1024 blue
 
 
 # ----------------------------------------------------------------------------------------------
 # The two doors: training splits, and the test split for evaluation only
 
-LOADERS = {"addnist": load_addnist, "cifar100": load_cifar100}
-TRAIN_SPLITS = {"addnist": ("train", "valid"), "cifar100": ("train",)}
+LOADERS = {"addnist": load_addnist, **{name: functools.partial(load_cifar, name) for name in CIFAR}}
+TRAIN_SPLITS = {"addnist": ("train", "valid"), "cifar100": ("train",), "cifar10": ("train",)}
 
 
 def load_split(name, split, data_dir=None):

@@ -458,7 +458,7 @@ def quality_panel(real, fake, real_clean=None, fake_clean=None, device="cpu"):
     return panel
 
 
-def score_samples(images, x_train, x_test, device="cpu", data_dir=None, neighbours=8, k=3):
+def score_samples(images, x_train, x_test, device="cpu", data_dir=None, dataset="cifar100", neighbours=8, k=3):
     """Everything `mm.py generate` reports about its samples (uint8 (N, 3, H, W)), beside the test split
     (used only here) and the training set: the quality panel (realism and diversity; null, with the reason,
     when the Inception weights cannot be had), copy rates in pixels and Inception features (uniqueness), and
@@ -481,13 +481,14 @@ def score_samples(images, x_train, x_test, device="cpu", data_dir=None, neighbou
         metrics["fid"], metrics["fid_unavailable"] = None, str(e)
         print(f"FID and the feature panel skipped: {e}")
     else:
-        test_key, train_key = {"dataset": "cifar100", "split": "test"}, {"dataset": "cifar100", "split": "train"}
+        test_key, train_key = {"dataset": dataset, "split": "test"}, {"dataset": dataset, "split": "train"}
         test_feats = cached_features(x_test, test_key, inception, cache)
         sample_feats = inception_features(images, inception)
         clean = (cached_features(x_test, test_key, inception, cache, clean=True),  # clean-fid's resize
                  inception_features(images, inception, clean=True))
         metrics.update(quality_panel(test_feats, sample_feats, *clean, device))
-        metrics["fid_protocol"] = "pytorch-fid (Inception pool3, bilinear 299), samples vs the CIFAR-100 test split"
+        metrics["fid_protocol"] = (f"pytorch-fid (Inception pool3, bilinear 299), {len(images):,} samples vs the "
+                                   f"{len(x_test):,} {dataset} test images (papers' CIFAR-10 FIDs: 50,000 vs train)")
         train_feats = np.concatenate([cached_features(x.cpu(), train_key, inception, cache)  # and its mirror
                                       for x in (x_train, x_train.flip(3))])
         metrics["inception_copy"] = copy_rate(nearest_distances(sample_feats, train_feats, device=device),

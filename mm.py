@@ -43,7 +43,7 @@ class RunConfig:  # the fields the three training commands share
     precision: str = "auto"  # auto (bf16 on Ampere+ GPUs, fp16 on older ones, fp32 on CPU) | fp32 | bf16 | fp16
     deterministic: bool = True  # GPU: deterministic kernels, seeded runs repeat (--no-deterministic: faster)
     resume: bool = False  # continue the run(s) checkpointed in --out (without it, --out must hold no run)
-    pause_at: int = 0  # stop, checkpointed, after this many steps (gradflow: epochs); 0 = run to the end
+    pause_at: int = 0  # stop, checkpointed, after this many steps; 0 = run to the end
 
 # ---------------------------------------------------------------------------------------------
 # Classifier: one digit CNN shared by the three channels; the sum's distribution, their convolution
@@ -57,8 +57,8 @@ class ClassifyConfig(RunConfig):
     batch_size: int = 128  # AddNIST images per step (3 digits each)
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 5e-2  # AdamW decoupled weight decay on conv/linear weights
-    warmup: int = 300  # steps of linear warm-up, then cosine decay to 0
-    ema: float = 0.999  # decay of the evaluated weight average (warm-up: ema_decay); 0 = off
+    warmup_steps: int = 300  # steps of linear warm-up, then cosine decay to 0
+    ema_decay: float = 0.999  # per-step decay of the evaluated weight average (warm-up: ema_decay()); 0 = off
     label_smoothing: float = 0.05  # training loss only; reported losses are plain cross-entropy
     train_on: str = "train+valid"  # train+valid (60,000 images) | train (45,000); never test
     shift: int = 2  # max translation per digit, whole pixels (kept all run)
@@ -165,7 +165,7 @@ def ema_decay(limit, step):
     initial weights, so its memory starts short (0.1 at step 0, 0.9 at step 80) and grows."""
     return min(limit, (1 + step) / (10 + step))
 
-def train_classifier(cfg, seed, run_dir, train, scored, hw):
+def train_classifier(cfg, seed, run_dir, train, scored, hw, train_id):
     """Train one seed; returns its result, or None when paused. `scored` ({"test": (x, y)}, plus "valid",
     the held-out split recipes are chosen on, with --train-on train) only ever goes to evaluate()."""
     (x_train, y_train), ckpt_path = train, os.path.join(run_dir, "ckpt.pt")
@@ -178,23 +178,22 @@ def train_classifier(cfg, seed, run_dir, train, scored, hw):
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=hw.device.type == "cuda")
     scaler = grad_scaler(hw)
     objects = dict(model=model, ema=ema, opt=opt, scaler=scaler)  # what checkpoints save, resumes restore
-    figures = [f"{split}_{what}" for split in ("train", *scored) for what in ("loss", "acc")]
-    run = resume_from(ckpt_path, "classify", cfg, objects, figures, step=0, seconds=0.0, result=None,
+    run = resume_from(ckpt_path, "classify", cfg, objects, train_id, step=0, seconds=0.0, result=None,
                       curves={k: [] for k in ("step", "train_loss", "train_acc", "test_loss", "test_acc")})
     if run["result"]:
         print(f"run seed {seed}: already finished in {ckpt_path}")
         return run["result"]
-    start, curves, eval_model = run["step"], run["curves"], ema if cfg.ema > 0 else model
+    start, curves, eval_model = run["step"], run["curves"], ema if cfg.ema_decay > 0 else model
     background = x_train.min().item()  # the normalised value of an empty pixel
     subset = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:cfg.eval_train]
     subset = subset.to(hw.device)  # the same train images at every evaluation
     stop_at, t0 = stop_point(cfg.pause_at, start, cfg.steps), time.time()
-    checkpoint = lambda step, result=None: save_checkpoint(ckpt_path, "classify", cfg, objects, step=step,
-        seed=seed, curves=curves, result=result, seconds=run["seconds"] + time.time() - t0)
+    checkpoint = lambda step, result=None: save_checkpoint(ckpt_path, "classify", cfg, objects, step=step, seed=seed,
+        curves=curves, result=result, data_id=train_id, seconds=run["seconds"] + time.time() - t0)
     log = Progress(start, cfg.steps, stop_at, "loss", "acc")
     for step in range(start, stop_at):
         seed_step(seed, step)
-        lr = set_lr(opt, get_lr(step, cfg, cfg.warmup))
+        lr = set_lr(opt, get_lr(step, cfg, cfg.warmup_steps))
         idx = batch_indices(step, len(x_train), cfg.batch_size, seed, hw.device)
         # rotation, zoom and elastic fall linearly to 0: varied digits early, a fitted reader late
         xb, yb = augment_digits(x_train[idx], cfg, background, 1 - step / cfg.steps), y_train[idx]
@@ -206,7 +205,7 @@ def train_classifier(cfg, seed, run_dir, train, scored, hw):
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        ema_update(ema, model, ema_decay(cfg.ema, step))
+        ema_update(ema, model, ema_decay(cfg.ema_decay, step))
         log.add(loss, (out.argmax(1) == yb).float().mean())
         done = step + 1
         if done % cfg.log_every == 0 or done == stop_at:
@@ -235,7 +234,7 @@ def train_classifier(cfg, seed, run_dir, train, scored, hw):
 
 def classify(cfg):
     """`python mm.py classify`: train cfg.runs seeds; a table, metrics.json and accuracy.png."""
-    check_numbers(cfg, below={"ema": 1, "label_smoothing": 1, "zoom": 1})
+    check_numbers(cfg, below={"ema_decay": 1, "label_smoothing": 1, "zoom": 1})
     n_params = count_params(DigitSumNet(cfg.arch))
     print(f"classify | digit CNN {cfg.arch}")
     enforce_budget("Number of parameters", n_params, CLASSIFY_PARAM_LIMIT, False, cfg.allow_penalty)
@@ -243,20 +242,20 @@ def classify(cfg):
     print(f"> Work per step: {cfg.batch_size} images ({3 * cfg.batch_size} digits); "
           f"{cfg.steps * cfg.batch_size:,} images seen per run, {cfg.runs} run(s)")
     run_dirs = [os.path.join(cfg.out, f"run{r}") for r in range(cfg.runs)]
-    check_run_folder(cfg, "classify", {os.path.join(d, "ckpt.pt"): cfg for d in run_dirs})
-    hw = pick_hardware(cfg)
+    hw = pick_hardware(cfg, cfg.runs * cfg.steps * cfg.batch_size * CPU_SECONDS["classify"])
     load = lambda split: data.load_test("addnist", cfg.data_dir or None) if split == "test" else \
         data.load_split("addnist", split, cfg.data_dir or None)
-    train = [torch.from_numpy(np.concatenate(a)).to(hw.device) for a in zip(*map(load, cfg.train_on.split("+")))]
+    train = [np.concatenate(a) for a in zip(*map(load, cfg.train_on.split("+")))]
+    train_id, train = data_id(*train), [torch.from_numpy(a).to(hw.device) for a in train]
     # With --train-on train the valid split is held out: recipes are chosen on it, test scored once
     held = ("valid", "test") if cfg.train_on == "train" else ("test",)
     scored = {split: [torch.from_numpy(a).to(hw.device) for a in load(split)] for split in held}
     print(f"AddNIST {cfg.train_on} {tuple(train[0].shape)}, test {tuple(scored['test'][0].shape)}")
-    start_record(cfg, "classify", len(train[0]))
+    claim_folder(cfg, "classify", len(train[0]), {os.path.join(d, "ckpt.pt"): cfg for d in run_dirs})
     results = []
     for r, run_dir in enumerate(run_dirs):
         print(f"--- run {r + 1}/{cfg.runs} (seed {cfg.seed + r})")
-        results.append(train_classifier(cfg, cfg.seed + r, run_dir, train, scored, hw))
+        results.append(train_classifier(cfg, cfg.seed + r, run_dir, train, scored, hw, train_id))
         if results[-1] is None:  # paused
             return None
     metrics = {"command": "classify", "params": n_params, "steps": results[0]["steps"], "runs": len(results),
@@ -292,7 +291,8 @@ def classify_row(m):
 class GenerateConfig(RunConfig):
     out: str = "runs/generate"  # results: samples, interpolations, neighbours, metrics, checkpoint
     ckpt: str = ""  # checkpoint to load (empty: OUT/ckpt.pt)
-    steps: int = 50_000  # at most 50,000; each tenth a checkpoint and, from 2,000, progress.png
+    dataset: str = "cifar100"  # cifar100 | cifar10: what the model learns, and whose test split FID compares with
+    steps: int = 50_000  # at most 50,000; each tenth a checkpoint and, from 2,000, progress_STEP.png
     allow_penalty: bool = False  # train over a budget anyway and print the coursework penalty
     sample_only: bool = False  # skip training: regenerate every output from --ckpt (or OUT/ckpt.pt)
     widths: str = "32,64,80"  # U-Net channels at 32, 16 and 8 px, multiples of 8 (997,123 params)
@@ -300,21 +300,21 @@ class GenerateConfig(RunConfig):
     emb_dim: int = 128  # width of the noise-level + class embedding (a multiple of 4)
     dropout: float = 0.0  # dropout inside residual blocks
     batch_size: int = 256  # images per step
-    noise_draws: int = 2  # noise levels per image per step (cost x2; 2,000 steps with 2 read like 4,000 with 1)
+    noise_draws: int = 2  # noisy copies of each image per step, each with its own noise level (work x this)
     lr: float = 4e-3  # peak Adam learning rate
-    warmup: float = 0.02  # linear warm-up over this fraction of --steps, then cosine decay to 0
-    ema: float = 0.04  # length σ_rel of the power-function EMA samples come from (0 = off)
+    warmup_fraction: float = 0.02  # linear warm-up over this fraction of --steps, then cosine decay to 0
+    ema_length: float = 0.04  # σ_rel of the power-function EMA samples come from, a fraction of the run (0 = off)
     sigma_data: float = 0.5  # standard deviation of the data, for the preconditioning
     p_mean: float = -0.4  # mean of ln σ during training
     p_std: float = 1.4  # standard deviation of ln σ during training
     p_uncond: float = 0.1  # probability of dropping the label (trains the unconditional model too)
-    flip: bool = True  # random horizontal flips (right for CIFAR; --no-flip for the digit stand-in)
+    flip: bool = True  # random horizontal flips of the training images (--no-flip where a mirror changes meaning)
     sampler_steps: int = 18  # Heun steps (NFE = 2 steps - 1, doubled when guidance != 1)
-    guidance: float = 1.6  # w (1: unguided, half the cost); set at 8,000 x 64; 2,000 steps read more at 2 (77 vs 68)
+    guidance: float = 1.6  # classifier-free guidance scale w (1: unguided, half the sampler's work)
     fid_samples: int = 10_000  # samples drawn for FID and samples.npz (at least the grid's 64)
     sample_batch: int = 1000  # samples per sampler call
 
-GRID_MIN_STEPS = 2_000  # progress.png only in runs this long: its 9 grids then cost ~10 % of a batch-64 run
+GRID_MIN_STEPS = 2_000  # progress grids only in runs this long: its 9 grids then cost ~10 % of a batch-64 run
 
 def edm_scalings(sigma, sigma_data):
     """c_skip, c_out, c_in, c_noise of EDM Table 1.  sigma (B,) -> four (B,)"""
@@ -371,7 +371,7 @@ class UNet(nn.Module):
     pixels, `blocks` residual blocks per level down and up (skips concatenated), self-attention in the
     middle and at the decoder's lowest level. Embedding: Fourier features of c_noise through an MLP,
     plus a learned class embedding (index n_classes is "no class", for classifier-free guidance)."""
-    def __init__(self, widths=(32, 64, 80), blocks=1, emb_dim=128, n_classes=100, dropout=0.0, sigma_data=0.5):
+    def __init__(self, widths, blocks, emb_dim, n_classes, dropout=0.0, sigma_data=0.5):
         super().__init__()
         self.sigma_data, self.n_classes = sigma_data, n_classes
         # Fixed random Fourier frequencies (Tancik et al. 2020) for c_noise = ln(σ)/4, about -2..1.5
@@ -416,7 +416,7 @@ def make_unet(cfg):
     if any(w < 8 or w % 8 for w in widths) or cfg.emb_dim % 4:
         raise UserError(f"--widths {cfg.widths} --emb-dim {cfg.emb_dim}: every width must be a positive "
                         f"multiple of 8 (group norm, attention heads), the embedding a multiple of 4")
-    return UNet(widths, cfg.blocks, cfg.emb_dim, dropout=cfg.dropout, sigma_data=cfg.sigma_data)
+    return UNet(widths, cfg.blocks, cfg.emb_dim, data.CIFAR[cfg.dataset]["classes"], cfg.dropout, cfg.sigma_data)
 
 def edm_loss(net, x, labels, cfg):
     """EDM Eq. 2 with λ(σ) = (σ² + σ_d²)/(σ σ_d)²: the weighted denoising error at ln σ ~ N(P_mean,
@@ -486,11 +486,11 @@ def train_generator(cfg, objects, x_train, y_train, hw, ckpt_path, run):
     net, ema, opt, scaler = (objects[k] for k in ("model", "ema", "opt", "scaler"))
     curve, stop_at, t0 = run["curve"], stop_point(cfg.pause_at, run["step"], cfg.steps), time.time()
     checkpoint = lambda step: save_checkpoint(ckpt_path, "generate", cfg, objects, step=step, curve=curve,
-                                              seconds=run["seconds"] + time.time() - t0)
+                                              data_id=run["data_id"], seconds=run["seconds"] + time.time() - t0)
     log = Progress(run["step"], cfg.steps, stop_at, "loss")
     for step in range(run["step"], stop_at):
         seed_step(cfg.seed, step)  # noise levels, noise, dropout, flips
-        lr = set_lr(opt, get_lr(step, cfg, round(cfg.warmup * cfg.steps)))
+        lr = set_lr(opt, get_lr(step, cfg, round(cfg.warmup_fraction * cfg.steps)))
         idx = batch_indices(step, len(x_train), cfg.batch_size, cfg.seed, hw.device)
         xb = x_train[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]  (B, 3, 32, 32)
         flip = torch.rand(len(xb), device=hw.device) < (0.5 if cfg.flip else 0.0)  # same stream either way
@@ -504,7 +504,7 @@ def train_generator(cfg, objects, x_train, y_train, hw, ckpt_path, run):
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         scaler.step(opt)
         scaler.update()
-        ema_update(ema, net, power_ema_decay(cfg.ema, step))
+        ema_update(ema, net, power_ema_decay(cfg.ema_length, step))
         log.add(loss)
         done = step + 1
         if done % cfg.log_every == 0 or done == stop_at:
@@ -514,8 +514,9 @@ def train_generator(cfg, objects, x_train, y_train, hw, ckpt_path, run):
             with log.aside():
                 checkpoint(done)  # first: a Ctrl-C while the grid is drawn keeps these steps
                 if cfg.steps >= GRID_MIN_STEPS:  # a grid to watch the run by
-                    grid = sample_images(ema.eval(), torch.arange(64) % 100, cfg, hw, cfg.seed)
-                    save_grid(os.path.join(cfg.out, "progress.png"), grid, 8, f"EMA samples after {done:,} steps")
+                    grid = sample_images(ema.eval(), torch.arange(64) % ema.n_classes, cfg, hw, cfg.seed)
+                    save_grid(os.path.join(cfg.out, f"progress_{done:05d}.png"), grid, 8,
+                              f"EMA samples after {done:,} steps")
         if STOP:
             checkpoint(done)
             raise interrupted(done, ckpt_path, cfg)
@@ -554,8 +555,9 @@ def interpolations(net, cfg, hw, seed, pairs=8, frames=10):
 def generate(cfg):
     """`python mm.py generate`: set up (fresh, or from the checkpoint) -> train -> samples and figures ->
     scores. Every count reported (steps, seconds) comes from the checkpoint that made the samples."""
-    check_numbers(cfg, below={"ema": 0.28, "warmup": 1, "dropout": 1, "p_uncond": 1})
+    check_numbers(cfg, below={"ema_length": 0.28, "warmup_fraction": 1, "dropout": 1, "p_uncond": 1})
     t_start, ckpt_path = time.time(), cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
+    sample_seed = cfg.seed  # --sample-only --seed S draws another set from the same network
     if cfg.sample_only:  # the network and its training record come from the checkpoint
         if not os.path.exists(ckpt_path):
             raise UserError(f"no checkpoint at {ckpt_path}; train first, or point --ckpt at one")
@@ -565,39 +567,44 @@ def generate(cfg):
     print(f"generate | U-Net widths {cfg.widths}, {cfg.blocks} block(s) per level")
     enforce_budget("Number of parameters", n_params, GENERATE_PARAM_LIMIT, False, cfg.allow_penalty)
     enforce_budget("Number of optimisation steps", cfg.steps, GENERATE_STEP_LIMIT, True, cfg.allow_penalty)
-    check_run_folder(cfg, "generate", has_run=os.path.exists(ckpt_path) and not cfg.sample_only)
-    hw = pick_hardware(cfg)
+    hw = pick_hardware(cfg, (0 if cfg.sample_only else cfg.steps * cfg.batch_size * cfg.noise_draws) *
+                       CPU_SECONDS["generate"] + max(cfg.fid_samples, 64) * nfe(cfg) * CPU_SECONDS["sampler"])
+    train = data.load_split(cfg.dataset, "train", cfg.data_dir or None)
+    train_id, train = data_id(*train), [torch.from_numpy(a).to(hw.device) for a in train]
+    claim_folder(cfg, "generate", len(train[0]))
     torch.manual_seed(cfg.seed)  # the initial weights (and Fourier frequencies) depend on the seed alone
     net = make_unet(cfg).to(hw.device, memory_format=torch.channels_last)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), fused=hw.device.type == "cuda")
     objects = dict(model=net, ema=ema, opt=opt, scaler=grad_scaler(hw))
-    run = resume_from(ckpt_path, "generate", cfg, objects, step=0, curve={"step": [], "loss": []}, seconds=0.0)
-    train = [torch.from_numpy(a).to(hw.device) for a in data.load_split("cifar100", "train", cfg.data_dir or None)]
-    start_record(cfg, "generate", len(train[0]), cfg.resume or cfg.sample_only)
+    run = resume_from(ckpt_path, "generate", cfg, objects, train_id, step=0, curve={"step": [], "loss": []},
+                      seconds=0.0)
     if not cfg.sample_only:
         print(f"> Work per step: {cfg.batch_size} images x {cfg.noise_draws} noise levels; "
               f"{cfg.steps * cfg.batch_size:,} images seen; "
-              f"CIFAR-100 train {tuple(train[0].shape)}")
+              f"{cfg.dataset} train {tuple(train[0].shape)}")
         run = train_generator(cfg, objects, *train, hw, ckpt_path, run)
         if run is None:  # paused
             return None
-    labels, t0 = torch.arange(max(cfg.fid_samples, 64)) % 100, time.time()  # classes cycled
-    images = sample_images(ema.eval(), labels, cfg, hw, cfg.seed)  # (N, 3, 32, 32) uint8
+    labels, t0 = torch.arange(max(cfg.fid_samples, 64)) % net.n_classes, time.time()  # classes cycled
+    images = sample_images(ema.eval(), labels, cfg, hw, sample_seed)  # (N, 3, 32, 32) uint8
     sample_seconds, out = time.time() - t0, lambda name: os.path.join(cfg.out, name)
     save_grid(out("samples.png"), images[:64], 8, "the first 64 samples (classes 0..63)")
     np.savez(out("samples.npz"), images=images.numpy(), labels=labels.numpy())
-    frames, classes = interpolations(ema, cfg, hw, cfg.seed)
+    frames, classes = interpolations(ema, cfg, hw, sample_seed)
     save_grid(out("interpolations.png"), frames, 10, "8 pairs: slerp of noise, lerp of class")
+    line_plot(out("loss.png"), [Line("training loss", run["curve"]["step"], run["curve"]["loss"], PALETTE[0])],
+              f"generator training loss (mean over each {cfg.log_every} steps)", "step", "EDM loss (Eq. 2)")
     metrics = dict(command="generate", params=n_params, steps=run["step"],
                    sampler="EDM Heun (Karras et al. 2022, Alg. 1)",
                    sampler_steps=cfg.sampler_steps, nfe=nfe(cfg), guidance=cfg.guidance, fid_samples=len(images),
+                   sample_seed=sample_seed,
                    sample_seconds=sample_seconds, interpolation_classes=[c.tolist() for c in classes],
                    loss_curve=run["curve"], train_seconds=run["seconds"], checkpoint=ckpt_path,
                    device=str(hw.device), mixed_precision=hw.precision, config=asdict(cfg))
     save_json(out("metrics.json"), metrics)  # the samples' record survives a failure below
-    x_test = data.load_test("cifar100", cfg.data_dir or None)[0]  # the test split only ever scores
-    metrics.update(fid.score_samples(images, train[0], x_test, hw.device, cfg.data_dir or None))
+    x_test = data.load_test(cfg.dataset, cfg.data_dir or None)[0]  # the test split only ever scores
+    metrics.update(fid.score_samples(images, train[0], x_test, hw.device, cfg.data_dir or None, cfg.dataset))
     metrics["wall_seconds"] = time.time() - t_start  # this call: setup, training, sampling, scoring
     save_json(out("metrics.json"), metrics)
     near = metrics["neighbours"]  # the first 8 samples, then the 8 nearest to a training image
@@ -607,7 +614,7 @@ def generate(cfg):
               "sample | 3 nearest training images (or mirrored)", gap_after=1)
     print(f"\n{generate_row(metrics)}; the quality panel:")
     fid.print_panel(metrics)
-    print(f"wrote {cfg.out}/samples.png, interpolations.png, neighbours.png, samples.npz, config.json, "
+    print(f"wrote {cfg.out}/samples.png, interpolations.png, neighbours.png, loss.png, samples.npz, config.json, "
           f"metrics.json" + ("" if cfg.sample_only else f"; checkpoint {ckpt_path}"))
     return metrics
 
@@ -623,6 +630,7 @@ def generate_row(m):
 @dataclass
 class GradflowConfig(RunConfig):
     out: str = "runs/gradflow"  # results: a sub-folder per configuration and seed, metrics.json
+    dataset: str = "cifar100"  # cifar100 | cifar10
     depth: int = 38  # 8 (0 processing blocks per stage) or 38 (5 per stage); 3 stages of 32 filters
     bn: bool = False  # BatchNorm after every conv, before its activation
     residual: bool = False  # identity skip around every processing block (He et al. 2016)
@@ -706,85 +714,90 @@ def run_folder(out, name):
     """OUT/<configuration>: 'VGG_38 + BN (lr 1e-2)' -> OUT/VGG_38_BN_lr_1e_2 (report reads it)."""
     return os.path.join(out, re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"))
 
-def train_vgg(cfg, seed, run_dir, splits, hw):
+def train_vgg(cfg, seed, run_dir, splits, hw, train_id):
     """Train one configuration for cfg.epochs; returns its result (the best-validation weights
     scored on test), or None when paused. The lr follows cosine annealing per epoch (Loshchilov &
-    Hutter 2017) as the coursework's CosineAnnealingLR steps it."""
+    Hutter 2017) as the coursework's CosineAnnealingLR steps it; epoch = step // steps per epoch."""
     (x_tr, y_tr), (x_val, y_val), test = splits
     torch.manual_seed(seed)
-    model = VGG(cfg.depth, cfg.bn, cfg.residual).to(hw.device, memory_format=torch.channels_last)
+    model = VGG(cfg.depth, cfg.bn, cfg.residual, n_classes=data.CIFAR[cfg.dataset]["classes"])
+    model = model.to(hw.device, memory_format=torch.channels_last)
     opt, scaler = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=hw.device.type == "cuda"), grad_scaler(hw)
     objects = dict(model=model, opt=opt, scaler=scaler)  # what checkpoints save, resumes restore
     per_epoch, ckpt_path = len(x_tr) // cfg.batch_size, os.path.join(run_dir, "ckpt.pt")
-    figures = [f"{split}_{what}" for split in ("train", "val") for what in ("loss", "acc")]
-    run = resume_from(ckpt_path, "gradflow", cfg, objects, figures,
-                      epoch=0, flows=[], best={"val_acc": -1.0}, seconds=0.0, result=None,
+    run = resume_from(ckpt_path, "gradflow", cfg, objects, train_id, step=0, flows=[], best={"val_acc": -1.0},
+                      epoch_sums=[0.0, 0.0], seconds=0.0, result=None,
                       curves={k: [] for k in ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")})
     if run["result"]:
         print(f"{run_dir}: already finished")
         return run["result"]
     curves, flows, best, t0 = run["curves"], run["flows"], run["best"], time.time()
-    stop_epoch = stop_point(cfg.pause_at, run["epoch"], cfg.epochs, "epoch")
-    checkpoint = lambda epoch, result=None: save_checkpoint(ckpt_path, "gradflow", cfg, objects, epoch=epoch,
-        curves=curves, flows=flows, best=best, result=result, seconds=run["seconds"] + time.time() - t0)
-    log = Progress(run["epoch"] * per_epoch, cfg.epochs * per_epoch, stop_epoch * per_epoch, "loss")
-    for epoch in range(run["epoch"], stop_epoch):
+    steps = cfg.epochs * per_epoch
+    stop_at = stop_point(cfg.pause_at, run["step"], steps)
+    loss_sum, correct = (torch.tensor(v, device=hw.device) for v in run["epoch_sums"])  # the epoch so far
+    checkpoint = lambda step, result=None: save_checkpoint(ckpt_path, "gradflow", cfg, objects, step=step,
+        curves=curves, flows=flows, best=best, epoch_sums=[loss_sum.item(), correct.item()], result=result,
+        data_id=train_id, seconds=run["seconds"] + time.time() - t0)
+    log = Progress(run["step"], steps, stop_at, "loss")
+    for step in range(run["step"], stop_at):
+        epoch, i = divmod(step, per_epoch)
         lr = set_lr(opt, cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs)))
+        seed_step(seed, step)
+        idx = batch_indices(step, len(x_tr), cfg.batch_size, seed, hw.device)
+        xb, yb = crop_flip(x_tr[idx]), y_tr[idx]
         model.train()
-        loss_sum, correct = torch.zeros((), device=hw.device), torch.zeros((), device=hw.device)
-        for i in range(per_epoch):
-            step = epoch * per_epoch + i
-            seed_step(seed, step)
-            idx = batch_indices(step, len(x_tr), cfg.batch_size, seed, hw.device)
-            xb, yb = crop_flip(x_tr[idx]), y_tr[idx]
-            with autocast(hw):
-                out = model(xb).float()
-            loss = F.cross_entropy(out, yb)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if i == per_epoch - 1:  # the gradient flow after the last batch of the epoch
-                scaler.unscale_(opt)  # true gradients, not fp16-scaled ones
-                flows.append(gradient_flow(model))
-            scaler.step(opt)
-            scaler.update()
-            loss_sum += loss.detach()
-            correct += (out.argmax(1) == yb).sum()
-            log.add(loss)
-            if STOP and i < per_epoch - 1:  # checkpoints are per epoch: the last one stays intact
-                kept = f"the checkpoint after epoch {epoch} is kept" if epoch else "no epoch had finished"
-                raise UserError(f"interrupted in epoch {epoch + 1}; {kept}, and --resume --out {cfg.out} "
-                                f"repeats epoch {epoch + 1}")
-            if (step + 1) % cfg.log_every == 0:
-                log.line(step + 1, epoch=epoch + 1, lr=f"{lr:.1e}")
-        with log.aside():  # the epoch's evaluation and checkpoint are not a training step's time
-            train_loss, train_acc = loss_sum.item() / per_epoch, correct.item() / (per_epoch * cfg.batch_size)
-            val_loss, val_acc = evaluate(model, x_val, y_val)
-            for key, value in zip(curves, (epoch + 1, lr, train_loss, train_acc, val_loss, val_acc)):
-                curves[key].append(value)
-            if val_acc > best["val_acc"]:  # keep the best-validation weights, for the test
-                best = {"val_acc": val_acc, "epoch": epoch + 1, "train_acc": train_acc,
-                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-            print(f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {train_loss:.4f} acc {train_acc:.4f} | val loss "
-                  f"{val_loss:.4f} acc {val_acc:.4f} | grad entry {flows[-1]['entry.0.weight']:.2e}", flush=True)
-            checkpoint(epoch + 1)
+        with autocast(hw):
+            out = model(xb).float()
+        loss = F.cross_entropy(out, yb)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if i == per_epoch - 1:  # the gradient flow after the last batch of the epoch
+            scaler.unscale_(opt)  # true gradients, not fp16-scaled ones
+            flows.append(gradient_flow(model))
+        scaler.step(opt)
+        scaler.update()
+        loss_sum += loss.detach()
+        correct += (out.argmax(1) == yb).sum()
+        log.add(loss)
+        done = step + 1
+        if done % cfg.log_every == 0:
+            log.line(done, epoch=epoch + 1, lr=f"{lr:.1e}")
+        if i == per_epoch - 1:
+            with log.aside():  # the epoch's evaluation and checkpoint are not a training step's time
+                train_loss, train_acc = loss_sum.item() / per_epoch, correct.item() / (per_epoch * cfg.batch_size)
+                loss_sum.zero_()
+                correct.zero_()
+                val_loss, val_acc = evaluate(model, x_val, y_val)
+                for key, value in zip(curves, (epoch + 1, lr, train_loss, train_acc, val_loss, val_acc)):
+                    curves[key].append(value)
+                if val_acc > best["val_acc"]:  # keep the best-validation weights, for the test
+                    best = {"val_acc": val_acc, "epoch": epoch + 1, "train_acc": train_acc,
+                            "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                print(f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {train_loss:.4f} acc {train_acc:.4f} | val "
+                      f"loss {val_loss:.4f} acc {val_acc:.4f} | grad entry {flows[-1]['entry.0.weight']:.2e}", flush=True)
+                checkpoint(done)
         if STOP:
-            raise interrupted(epoch + 1, ckpt_path, cfg, unit="epoch")
-    if stop_epoch < cfg.epochs:
-        return paused(stop_epoch, cfg, unit="epoch")  # the epoch's checkpoint is written
+            checkpoint(done)
+            raise interrupted(done, ckpt_path, cfg)
+    if stop_at < steps:
+        checkpoint(stop_at)
+        return paused(stop_at, cfg)
     model.load_state_dict(best["state"])
     test_loss, test_acc = evaluate(model, *test)
-    result = dict(seed=seed, params=count_params(model), epochs=stop_epoch, best_epoch=best["epoch"],
+    result = dict(seed=seed, params=count_params(model), epochs=cfg.epochs, best_epoch=best["epoch"],
                   **{key: curves[key][-1] for key in ("train_loss", "train_acc", "val_loss", "val_acc")},
                   best_val_acc=best["val_acc"], test_acc=test_acc, test_loss=test_loss,
                   seconds=run["seconds"] + time.time() - t0, curves=curves, grad_flow=flows)
-    checkpoint(stop_epoch, result)
+    checkpoint(stop_at, result)
     plot_run(run_dir, result)
     return result
 
 def load_cifar_splits(cfg, device):
-    """CIFAR-100 on the device, normalised per channel: train/val by a seeded permutation; test."""
-    x, y = data.load_split("cifar100", "train", cfg.data_dir or None)
-    xt, yt = data.load_test("cifar100", cfg.data_dir or None)  # evaluation only
+    """CIFAR on the device, normalised per channel: train/val by a seeded permutation; test. And the
+    training split's data_id."""
+    x, y = data.load_split(cfg.dataset, "train", cfg.data_dir or None)
+    xt, yt = data.load_test(cfg.dataset, cfg.data_dir or None)  # evaluation only
+    train_id = data_id(x, y)
     if not cfg.val_size < len(x):
         raise UserError(f"--val-size must be between 1 and {len(x) - 1}")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # one split for all
@@ -793,7 +806,7 @@ def load_cifar_splits(cfg, device):
     norm = lambda a: ((a - mean) / std).contiguous(memory_format=torch.channels_last)
     y, tr, va = torch.from_numpy(y).to(device), perm[cfg.val_size:].to(device), perm[:cfg.val_size].to(device)
     test = (norm(torch.from_numpy(xt).to(device).float() / 255), torch.from_numpy(yt).to(device))
-    return (norm(x[tr]), y[tr]), (norm(x[va]), y[va]), test
+    return ((norm(x[tr]), y[tr]), (norm(x[va]), y[va]), test), train_id
 
 def gradflow(cfg):
     """`python mm.py gradflow`: train one configuration (or --compare all five); gradient flow."""
@@ -804,25 +817,26 @@ def gradflow(cfg):
     plan = [(c, replace(cfg, depth=c.depth, bn=c.bn, residual=c.residual, lr=c.lr),
              [os.path.join(run_folder(cfg.out, c.name), f"seed{cfg.seed + r}") for r in range(cfg.runs)])
             for c in configs]  # (configuration, its config, the run folders of its seeds)
-    check_run_folder(cfg, "gradflow", {os.path.join(d, "ckpt.pt"): c for _, c, dirs in plan for d in dirs})
-    hw = pick_hardware(cfg)
-    splits = load_cifar_splits(cfg, hw.device)
-    print(f"gradflow | CIFAR-100 train {len(splits[0][0])}, val {len(splits[1][0])}, test {len(splits[2][0])}"
+    epochs_images = cfg.runs * cfg.epochs * (50_000 - cfg.val_size)  # CIFAR: 50,000 training images
+    hw = pick_hardware(cfg, epochs_images * sum(c.depth - 1 for c in configs) * CPU_SECONDS["gradflow"])
+    (splits, train_id), classes = load_cifar_splits(cfg, hw.device), data.CIFAR[cfg.dataset]["classes"]
+    print(f"gradflow | {cfg.dataset} train {len(splits[0][0])}, val {len(splits[1][0])}, test {len(splits[2][0])}"
           f" | {cfg.epochs} epochs of {len(splits[0][0]) // cfg.batch_size} steps")
-    start_record(cfg, "gradflow", len(splits[0][0]))
+    claim_folder(cfg, "gradflow", len(splits[0][0]), {os.path.join(d, "ckpt.pt"): c for _, c, dirs in plan for d in dirs})
     rows = []
     for config, run_cfg, run_dirs in plan:
         print(f"=== {config.name}: > Number of parameters "
-              f"{count_params(VGG(config.depth, config.bn, config.residual))}")
+              f"{count_params(VGG(config.depth, config.bn, config.residual, n_classes=classes))}")
         results = []
         for r, run_dir in enumerate(run_dirs):
-            results.append(train_vgg(run_cfg, cfg.seed + r, run_dir, splits, hw))
+            results.append(train_vgg(run_cfg, cfg.seed + r, run_dir, splits, hw, train_id))
             if results[-1] is None:  # paused
                 return None
             save_json(os.path.join(run_dir, "metrics.json"), results[-1])
         row = {"name": config.name, "params": results[0]["params"], "epochs": results[0]["epochs"],
                "lr": config.lr, "runs": len(results),
-               "known_train_val": [config.known_train_acc, config.known_val_acc] if cfg.compare else None}
+               "known_train_val": [config.known_train_acc, config.known_val_acc]
+               if cfg.compare and cfg.dataset == "cifar100" else None}  # published on CIFAR-100
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "test_acc"):
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r[key] for r in results])
         rows.append(row)
@@ -887,8 +901,13 @@ def count_params(model):
 
 Hardware = namedtuple("Hardware", "device precision")  # torch.device and "fp32" | "bf16" | "fp16"
 
-def pick_hardware(cfg):
-    """Device, mixed precision and determinism, printed once. bf16 autocast where the GPU has fast bf16
+# Seconds one training image (generate: one noisy copy; gradflow: per conv layer) and one sampler evaluation
+# take on 2 CPU cores, measured alone at the defaults: what --device auto says before it trains on a CPU
+CPU_SECONDS = {"classify": 0.0040, "generate": 0.0067, "gradflow": 0.00031, "sampler": 0.0055}
+
+def pick_hardware(cfg, cpu_seconds=0.0):
+    """Device, mixed precision and determinism, printed once; on a CPU reached by --device auto, the time
+    the run would take there (cpu_seconds, from CPU_SECONDS). bf16 autocast where the GPU has fast bf16
     (Ampere and newer), fp16 with a GradScaler on older GPUs (T4, V100), fp32 on the CPU (its bf16
     convolutions are slow). Deterministic kernels make a seeded GPU run repeat (the CPU always does): every
     op of the step loops and samplers has one (test_mm checks them against PyTorch's list), and strict mode
@@ -900,8 +919,14 @@ def pick_hardware(cfg):
         "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if device.type == "cuda":
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cfg.deterministic, not cfg.deterministic
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # repeatable cuBLAS matmuls
+        workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # repeatable cuBLAS matmuls
+        if cfg.deterministic and workspace not in (":4096:8", ":16:8"):  # cuBLAS would raise at the first matmul
+            raise UserError(f"CUBLAS_WORKSPACE_CONFIG={workspace} leaves cuBLAS non-deterministic; unset it or "
+                            f"set it to :4096:8, or pass --no-deterministic")
         torch.use_deterministic_algorithms(cfg.deterministic)
+    elif cfg.device == "auto" and cpu_seconds:
+        print(f"no CUDA GPU: running on the CPU, about {fmt_time(cpu_seconds)} on 2 cores (estimated from "
+              f"measured steps; a GPU takes minutes)")
     print(f"device {device} | precision {precision} | deterministic {cfg.deterministic or device.type == 'cpu'}")
     return Hardware(device, precision)
 
@@ -987,20 +1012,20 @@ def on_signal(signum, frame):
     STOP.append(signum)
     print("\nstopping after this step (Ctrl-C again to abort without saving)", flush=True)
 
-def interrupted(done, ckpt_path, cfg, unit="step"):
-    return UserError(f"interrupted after {unit} {done:,}; checkpoint saved in {ckpt_path}, continue with "
+def interrupted(done, ckpt_path, cfg):
+    return UserError(f"interrupted after step {done:,}; checkpoint saved in {ckpt_path}, continue with "
                      f"--resume --out {cfg.out}")
 
-def stop_point(pause_at, done, total, unit="step"):
+def stop_point(pause_at, done, total):
     """Where this call stops: --pause-at if given, else the end. A pause at or before the checkpoint
     is refused: it would rewrite the checkpoint's counter below the steps its weights have taken."""
     if pause_at and pause_at <= done:
-        raise UserError(f"--pause-at {pause_at:,} is not after the checkpoint's {unit} {done:,}; pass a "
-                        f"later {unit}, or leave it out to run to the end")
+        raise UserError(f"--pause-at {pause_at:,} is not after the checkpoint's step {done:,}; pass a "
+                        f"later step, or leave it out to run to the end")
     return min(pause_at or total, total)
 
-def paused(done, cfg, unit="step"):
-    print(f"paused after {unit} {done:,} as asked (--pause-at); continue with --resume --out {cfg.out}")
+def paused(done, cfg):
+    print(f"paused after step {done:,} as asked (--pause-at); continue with --resume --out {cfg.out}")
 
 # What a --resume may change: where files go, how often to print, hardware, and generate's sampling
 # (it acts after training). Every other field shapes the trajectory: a checkpoint continues only
@@ -1017,11 +1042,12 @@ def save_checkpoint(path, command, cfg, objects, **record):
     torch.save(dict(command=command, config=asdict(cfg), **states, **record), path + ".tmp")
     os.replace(path + ".tmp", path)
 
-def load_checkpoint(path, command, cfg, adopt=False):
+def load_checkpoint(path, command, cfg, adopt=False, data_id=None):
     """A checkpoint of `command`, loaded to the CPU, under one rule: its config has exactly cfg's
     fields outside RESUME_FREE (a flag added or removed since changes what the run means) with cfg's
-    values (or the run would continue on another schedule than its record says); adopt: any values
-    (--sample-only takes them). One line names each field that breaks it."""
+    values (or the run would continue on another schedule than its record says), and it was trained on
+    the training split whose data_id is given; adopt: any values (--sample-only takes them). One line
+    names what breaks it."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     except Exception as e:  # truncated, empty, not a torch file, or holding arbitrary objects
@@ -1040,78 +1066,73 @@ def load_checkpoint(path, command, cfg, adopt=False):
         flags = lambda values: " ".join(f"{flag(k)} {values[k]}" for k in differ)
         raise UserError(f"{path} was trained with {flags(trained)}, not {flags(today)}; resume with "
                         f"the values it was trained with, or start a new --out")
+    if data_id and ck.get("data_id") != data_id:
+        raise UserError(f"{path} was trained on another training set than --data-dir {data.data_root(cfg.data_dir or None)}"
+                        f" holds; point --data-dir at the data it was trained on, or start a new --out")
     return ck
 
-def resume_from(path, command, cfg, objects, figures=(), **fresh):
-    """The run's record: `fresh`, or the checkpoint's, with the objects' states restored. A finished
-    run whose result lacks one of today's `figures` is scored again (its loop takes no step). A run
-    trained without fp16 saved an empty scaler state: an fp16 resume (a T4 continuing a CPU or A100
-    run) starts its scaler fresh instead of failing."""
+def resume_from(path, command, cfg, objects, data_id, **fresh):
+    """The run's record: `fresh` (with data_id, the training split's fingerprint), or the checkpoint's, with
+    the objects' states restored. A run trained without fp16 saved an empty scaler state: an fp16 resume
+    (a T4 continuing a CPU or A100 run) starts its scaler fresh instead of failing."""
     if not os.path.exists(path):
-        return fresh
-    ck = load_checkpoint(path, command, cfg)
-    missing = [f for f in figures if f not in (ck.get("result") or {})]
-    if ck.get("result") and missing:
-        print(f"{path} finished before mm.py reported {', '.join(missing)}: scoring it again")
-        ck["result"] = None
+        return dict(fresh, data_id=data_id)
+    ck = load_checkpoint(path, command, cfg, data_id=data_id)
     if not ck.get("result"):
         for name, obj in objects.items():
             if ck.get(name):
                 obj.load_state_dict(ck[name])
-        unit = "epoch" if "epoch" in ck else "step"
-        print(f"resuming {path} from {unit} {ck[unit]:,}")
+        print(f"resuming {path} from step {ck['step']:,}")
     return ck
 
-LEGACY_MARK = {"arch": "classify", "widths": "generate", "depth": "gradflow"}  # a field only that command has
+def data_id(*arrays):
+    """The training split's fingerprint (md5 of its images and labels): a checkpoint continues on it alone."""
+    return "-".join(fid.digest(a) for a in arrays)
 
-def recorded_command(folder):
-    """The command whose record `folder` holds (its config.json, metrics.json or bench.json names it; one
-    written before records did is known by LEGACY_MARK), or None for a folder with no record."""
+def recorded_command(folder, expected=None):
+    """The command whose record `folder` holds (its config.json, metrics.json or bench.json names it), or
+    None for a folder with none. A record naming no command, or another than `expected`, is refused."""
     for name in ("config.json", "metrics.json", "bench.json"):
         if os.path.isfile(path := os.path.join(folder, name)):
             try:
-                record = json.load(open(path))
-            except ValueError:
-                raise UserError(f"{path} is not a JSON record of mm.py; choose another folder") from None
-            config = record.get("config", record)
-            return record.get("command") or next((c for k, c in LEGACY_MARK.items() if k in config), "unknown")
+                command = json.load(open(path)).get("command")
+            except (ValueError, AttributeError):
+                command = None
+            if command not in COMMANDS:
+                raise UserError(f"{path} was not written by this mm.py (an older one, or another program); "
+                                f"use the mm.py that wrote it (git log), or choose another folder")
+            if expected and command != expected:
+                raise UserError(f"{folder} holds a run of `mm.py {command}`, not of {expected}; choose another folder")
+            return command
     return None
 
-def refuse_other_run(folder, command):
-    if recorded_command(folder) not in (None, command):
-        raise UserError(f"{folder} holds a run of `mm.py {recorded_command(folder)}`, not of {command}; "
-                        f"choose another folder")
-
-def check_run_folder(cfg, command, checkpoints=None, has_run=None):
-    """Before any work: --out holds no other command's run, holds a run (a checkpoint below it)
-    exactly when --resume asks to continue one, and each checkpoint to be continued ({path: its
-    config}) was trained with that config."""
-    refuse_other_run(cfg.out, command)
-    if has_run is None:
-        has_run = bool(glob.glob(os.path.join(glob.escape(cfg.out), "**", "ckpt.pt"), recursive=True))
-    if has_run and not cfg.resume:
-        raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
-    if cfg.resume and not has_run:
-        raise UserError(f"--resume: {cfg.out} holds no checkpoint to continue; leave out --resume to start")
-    for path, run_cfg in (checkpoints or {}).items():
-        if os.path.exists(path):
-            load_checkpoint(path, command, run_cfg)
-
-def make_folder(path):
-    """Create a results folder once a run is about to write, or say in one line why it cannot be."""
+def claim_folder(cfg, command, n_train=None, checkpoints=None):
+    """Before any write, one line for what is wrong: cfg.out holds another command's record; for a training
+    command (n_train given), the batch is larger than the training set, or the folder holds a run (a
+    checkpoint below it) without --resume, or a checkpoint to continue ({path: its config}) was trained with
+    other values. --resume on a folder with no run starts one, and says so: one command serves the first
+    run and every re-run. Then the folder is made, and a new run's config.json written. -> resuming"""
+    recorded_command(cfg.out, command)
+    resuming = False
+    if n_train is not None:
+        if n_train < cfg.batch_size:
+            raise UserError(f"--batch-size {cfg.batch_size} is larger than the {n_train:,} training images")
+        found = glob.glob(os.path.join(glob.escape(cfg.out), "**", "ckpt.pt"), recursive=True)
+        resuming = bool(found) and not getattr(cfg, "sample_only", False)  # --sample-only writes beside its run
+        if resuming and not cfg.resume:
+            raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
+        if cfg.resume and not resuming:
+            print(f"--resume: {cfg.out} holds no checkpoint yet; starting the run")
+        for path, run_cfg in (checkpoints or {}).items():
+            if os.path.exists(path):
+                load_checkpoint(path, command, run_cfg)
     try:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot write results under {path} ({e.strerror or e}); choose another --out") from None
-
-def start_record(cfg, command, n_train, resuming=None):
-    """config.json holds the command and the config a run started with (a resume keeps it; metrics.json
-    has the last). The batch is checked against the data first: a refused run writes nothing."""
-    if n_train < cfg.batch_size:
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {n_train:,} training images")
-    make_folder(cfg.out)
-    if not (cfg.resume if resuming is None else resuming):
+        raise UserError(f"cannot write results under {cfg.out} ({e.strerror or e}); choose another --out") from None
+    if n_train is not None and not resuming and not getattr(cfg, "sample_only", False):
         save_json(os.path.join(cfg.out, "config.json"), dict(command=command, **asdict(cfg)))
+    return resuming
 
 def save_json(path, obj):
     """Write JSON atomically (a .tmp renamed into place): a reader never sees half a file."""
@@ -1317,23 +1338,47 @@ def report_classifier(rep, m):
     rep.figure("classifier_accuracy.png", f"Train and test accuracy over training: mean across "
                                           f"{m['runs']} seed(s), shaded ± one standard deviation.")
 
+# What may differ between the runs of one curve; every other field (and guidance) is the recipe, which is one
+CURVE_FREE = {"data_dir", "out", "allow_penalty", "log_every", "device", "precision", "deterministic", "resume",
+              "sample_only", "pause_at", "ckpt", "sample_batch", "seed", "steps"}
+
 def scaling_points(folder):
     """{command: {(steps, size): {seed: figures}}} from the finished runs in the sub-folders of `folder`: a
-    classify run's results (size: its parameters), a generate run's reader.json (the digit reader's last
-    row, on the stand-in) or else its quality panel (size: its batch)."""
-    points = {}
+    classify run's results (size: its parameters); a generate run's reader.json row that scored its samples
+    (reader_row), or else its quality panel (size: its batch). The generate runs must share one recipe, and
+    each (steps, seed) be one run: a mix or a duplicate is refused, never averaged or overwritten."""
+    points, seen = {}, {}
     for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*", "metrics.json"))):
-        m, command, reader = json.load(open(path)), recorded_command(os.path.dirname(path)), path[:-12] + "reader.json"
+        m, run = json.load(open(path)), os.path.dirname(path)
+        command = recorded_command(run)
         if command == "classify":
             for r in m["per_run"]:
                 points.setdefault(command, {}).setdefault((m["steps"], m["params"]), {})[r["seed"]] = r
         elif command == "generate":
-            figures = json.loads(open(reader).read().splitlines()[-1]) if os.path.exists(reader) else m
+            recipe = {k: v for k, v in m["config"].items() if k not in CURVE_FREE}
+            first, first_recipe = seen.setdefault("recipe", (run, recipe))
+            differ = [f"--{k.replace('_', '-')} {first_recipe.get(k)} / {recipe.get(k)}"
+                      for k in sorted(set(recipe) | set(first_recipe)) if recipe.get(k) != first_recipe.get(k)]
+            if differ:
+                raise UserError(f"--scaling {folder} mixes generate recipes: {first} and {run} differ in "
+                                f"{', '.join(differ)}; give each recipe a folder of its own")
+            twin = seen.setdefault((m["steps"], m["config"]["seed"]), run)
+            if twin != run:
+                raise UserError(f"--scaling {folder}: {twin} and {run} are both seed {m['config']['seed']} at "
+                                f"{m['steps']:,} steps; keep one")
             points.setdefault(command, {}).setdefault((m["steps"], m["config"]["batch_size"]), {})[
-                m["config"]["seed"]] = figures
+                m["config"]["seed"]] = reader_row(run, m)
     if not points:
         raise UserError(f"--scaling {folder}: no sub-folder holds a finished classify or generate run (metrics.json)")
     return points
+
+def reader_row(run, m):
+    """The last row of run/reader.json that scored the samples `m` records (same steps, guidance and pixel
+    copy rate; a stand-in reader's figures), else the record itself: a score is never paired with others."""
+    path = os.path.join(run, "reader.json")
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    own = (m["steps"], m["guidance"], m.get("pixel_copy_rate"))
+    return next((r for r in reversed(rows) if (r.get("steps"), r.get("guidance"), r.get("pixel_copy")) == own), m)
 
 def mean_lines(chosen, keys):
     """chosen [(x, {seed: figures})], keys [(label, key, scale)] -> log10 x, and a Line per key: the mean over
@@ -1372,17 +1417,19 @@ def report_scaling(rep, points):
         rep.figure(f"scaling_{axis}.png", f"Train and test accuracy of complete runs against {axis} (mean ± std "
                                           f"over seeds; the gap is the distance between the lines); grey: the limit.")
 
+# reader.json's figures, as fractions: the digit reader's, then the photo reader's (its rows name their "kind")
 READER = [("both digits right", "both", 0.01), ("precision", "precision", 1), ("recall", "recall", 1),
-          ("coverage", "coverage", 1), ("reader FD", "reader_fd", 1)]  # reader.json's figures, as fractions
+          ("coverage", "coverage", 1), ("reader FD", "reader_fd", 1)]
+PHOTO_READER = [("class right", "class", 0.01), ("class and decile right", "both", 0.01), *READER[1:]]
 PANEL = [("precision", "precision", 1), ("recall", "recall", 1), ("coverage", "coverage", 1), ("FID", "fid", 1)]
 
 def report_generator_scaling(rep, points, real):
-    """Generator quality against steps at the commonest batch: realism and diversity, then the Fréchet
-    distance, mean ± std over seeds, log x; the real test images' figures (`real`, if given) as pale lines."""
+    """Generator quality against steps (one recipe): realism and diversity, then the Fréchet distance, mean ±
+    std over seeds, log x; the real images' figures (`real`, if given) as pale lines."""
     rep.line("Generator quality against steps", heading=True)
-    batch = max(set(b for _, b in points), key=lambda v: sum(b == v for _, b in points))
-    chosen = sorted((steps, runs) for (steps, b), runs in points.items() if b == batch)
-    keys = READER if all("reader_fd" in r for _, runs in chosen for r in runs.values()) else PANEL
+    chosen, batch = sorted((steps, runs) for (steps, _), runs in points.items()), next(iter(points))[1]
+    rows = [r for _, runs in chosen for r in runs.values()]
+    keys = PANEL if not all("reader_fd" in r for r in rows) else PHOTO_READER if "kind" in rows[0] else READER
     text = lambda key, scale, runs: "{:.3f} ± {:.3f}".format(*(scale * v for v in mean_std([r[key] for r in runs])))
     rep.table(f"Generator: complete runs at batch {batch} (each with its own schedule), mean ± std over seeds", [
         {"steps": f"{steps:,}", "seeds": len(runs), **{label: text(key, scale, runs.values())
@@ -1400,7 +1447,7 @@ def report_generator_scaling(rep, points, real):
                                             f"seeds); pale: the real test images.")
 
 def report_generator(rep, m, folder):
-    rep.line("Generator (CIFAR-100)", heading=True)
+    rep.line(f"Generator ({m['config']['dataset']})", heading=True)
     rep.line(penalty_line(m["params"], GENERATE_PARAM_LIMIT, m["steps"], GENERATE_STEP_LIMIT))
     rep.line(generate_row(m) + " (against the CIFAR-100 test split)")
     rep.table("Generator: the quality panel (realism, diversity, uniqueness)", [
@@ -1414,7 +1461,7 @@ def report_generator(rep, m, folder):
             rep.figure("generator_" + name, caption)
 
 def report_depth_study(rep, m, folder):
-    rep.line("Depth study (CIFAR-100)", heading=True)
+    rep.line(f"Depth study ({m['config']['dataset']})", heading=True)
     runs = {row["name"]: [json.load(open(path)) for path in sorted(glob.glob(os.path.join(
         glob.escape(run_folder(folder, row["name"])), "seed*", "metrics.json")))] for row in m["table"]}
     rep.table(f"Depth study: the final epoch's figures, and test accuracy of the best-validation epoch's "
@@ -1440,7 +1487,7 @@ def report(cfg):
     if not named and not cfg.scaling:
         raise UserError("name at least one finished run: --classify, --generate, --gradflow or --scaling DIR")
     for command, folder in [*named.items(), ("report", cfg.out)]:  # refused before any write
-        refuse_other_run(folder, command)
+        recorded_command(folder, command)
     found = {c: json.load(open(os.path.join(d, "metrics.json"))) for c, d in named.items()
              if os.path.isfile(os.path.join(d, "metrics.json"))}
     for command in set(named) - set(found):
@@ -1451,7 +1498,7 @@ def report(cfg):
     real = json.load(open(real)) if cfg.scaling and os.path.isfile(real) else None
     if not found:
         raise UserError("none of the named runs has finished (no metrics.json); nothing to report")
-    make_folder(cfg.out)
+    claim_folder(cfg, "report")
     rep = Report(cfg.out)
     sections = dict(classify=lambda m: report_classifier(rep, m), classify_scaling=lambda m: report_scaling(rep, m),
                     generate_scaling=lambda m: report_generator_scaling(rep, m, real),
@@ -1461,8 +1508,8 @@ def report(cfg):
         try:
             sections[name](found[name])
         except KeyError as e:  # a record written before mm.py reported that figure
-            raise UserError(f"the {name} record has no {e}: an older mm.py wrote it; --resume that run to "
-                            f"score it again") from None
+            raise UserError(f"the {name} record has no {e}: it was written by an older mm.py; report it with "
+                            f"that one (git log), or run it again with this one") from None
     with open(os.path.join(cfg.out, "report.md"), "w") as f:
         f.write("# Results\n\n" + "\n".join(rep.md))
     with open(os.path.join(cfg.out, "report.tex"), "w") as f:  # \input{report} in a paper
@@ -1507,7 +1554,7 @@ def train_step(model, loss_fn, hw):
 def bench(cfg):
     """`python mm.py bench`: time default training steps, the sampler and Inception; bench.json."""
     check_numbers(cfg)
-    refuse_other_run(cfg.out, "bench")
+    claim_folder(cfg, "bench")
     hw = pick_hardware(cfg)
     dev, c, g, v = hw.device, ClassifyConfig(), GenerateConfig(), GradflowConfig()
     torch.manual_seed(0)
@@ -1535,7 +1582,6 @@ def bench(cfg):
     print_table([{"command": r["command"], "what": r["what"], "ms each": f"{1000 * r['seconds_each']:.1f}",
                   "per second": f"{1 / r['seconds_each']:,.1f}", "count": f"{r['count']:,}",
                   "time for the count": fmt_time(r["seconds_each"] * r["count"])} for r in rows])
-    make_folder(cfg.out)
     save_json(os.path.join(cfg.out, "bench.json"), {"command": "bench", "device": str(dev), "mixed_precision": hw.precision,
                                                     "torch": torch.__version__, "rows": rows})
     print(f"wrote {cfg.out}/bench.json (count: the steps of a full run, or the samples / images FID needs)")
@@ -1543,7 +1589,7 @@ def bench(cfg):
 # ---------------------------------------------------------------------------------------------
 # Command line: argparse subcommands built from the config dataclasses, so --help lists every knob
 
-CHOICES = {"train_on": ("train", "train+valid"), "depth": (8, 38),
+CHOICES = {"train_on": ("train", "train+valid"), "depth": (8, 38), "dataset": tuple(data.CIFAR),
            "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16")}
 COMMANDS = {"classify": (ClassifyConfig, classify, "train the AddNIST classifier under its budget"),
             "generate": (GenerateConfig, generate, "train the CIFAR-100 diffusion model under its budget, score it"),
