@@ -251,18 +251,23 @@ def true_fp32():
     On Ampere and newer GPUs torch lets cuDNN use TF32 (a 10-bit mantissa) for float32 convolutions by
     default. TF32 keeps about 3 significant digits of each input, and the reference statistics were
     computed in float32, so FID keeps full precision until TF32 is shown to agree to 0.1 %.
-    Only torch's newer `fp32_precision` settings are read and written: reading the legacy `allow_tf32`
-    flags raises once anything has used the new API (torch >= 2.9).
+    Where torch has the newer `fp32_precision` settings (>= 2.9) only they are read and written: reading
+    the legacy `allow_tf32` flags raises once anything has used the new API. An older torch (a Colab's,
+    say) has only the legacy flags, and they are used.
     """
-    backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
-    saved = [b.fp32_precision for b in backends]
-    for b in backends:
-        b.fp32_precision = "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        settings = [(torch.backends.cuda.matmul, "fp32_precision", "ieee"), (torch.backends.cudnn.conv,
+                                                                             "fp32_precision", "ieee")]
+    else:
+        settings = [(torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False)]
+    saved = [getattr(backend, name) for backend, name, _ in settings]
+    for backend, name, value in settings:
+        setattr(backend, name, value)
     try:
         yield
     finally:
-        for b, value in zip(backends, saved):
-            b.fp32_precision = value
+        for (backend, name, _), value in zip(settings, saved):
+            setattr(backend, name, value)
 
 
 @torch.no_grad()

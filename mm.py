@@ -37,12 +37,12 @@ GENERATE_STEP_LIMIT = 50_000  # generator: at most this many optimisation steps 
 @dataclass
 class RunConfig:  # the fields the three training commands share
     data_dir: str = ""  # dataset cache root (empty: $MM_DATA, else ./data)
-    seed: int = 0  # seed of the first run (batches, augmentation, noise, samples)
+    seed: int = 0  # seed of the first run: batches, augmentation, noise, samples (--sample-only: the samples')
     log_every: int = 100  # steps between progress lines
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on Ampere+ GPUs, fp16 on older ones, fp32 on CPU) | fp32 | bf16 | fp16
     deterministic: bool = True  # GPU: deterministic kernels, seeded runs repeat (--no-deterministic: faster)
-    resume: bool = False  # continue the run(s) checkpointed in --out (without it, --out must hold no run)
+    resume: bool = False  # continue the run(s) in --out, or start them if it holds none (without: --out holds none)
     pause_at: int = 0  # stop, checkpointed, after this many steps; 0 = run to the end
 
 # ---------------------------------------------------------------------------------------------
@@ -219,9 +219,7 @@ def train_classifier(cfg, seed, run_dir, train, scored, hw, train_id):
                 print(f"eval {done:5d}/{cfg.steps} | train loss {scores[0]:.4f} acc {scores[1]:.4f} | "
                       f"test loss {scores[2]:.4f} acc {scores[3]:.4f}", flush=True)
                 checkpoint(done)
-        if STOP:
-            checkpoint(done)
-            raise interrupted(done, ckpt_path, cfg)
+        stop_if_asked(done, checkpoint, ckpt_path, cfg)
     if stop_at < cfg.steps:
         checkpoint(stop_at)
         return paused(stop_at, cfg)
@@ -517,9 +515,7 @@ def train_generator(cfg, objects, x_train, y_train, hw, ckpt_path, run):
                     grid = sample_images(ema.eval(), torch.arange(64) % ema.n_classes, cfg, hw, cfg.seed)
                     save_grid(os.path.join(cfg.out, f"progress_{done:05d}.png"), grid, 8,
                               f"EMA samples after {done:,} steps")
-        if STOP:
-            checkpoint(done)
-            raise interrupted(done, ckpt_path, cfg)
+        stop_if_asked(done, checkpoint, ckpt_path, cfg)
     checkpoint(stop_at)
     if stop_at < cfg.steps:
         return paused(stop_at, cfg)
@@ -773,12 +769,10 @@ def train_vgg(cfg, seed, run_dir, splits, hw, train_id):
                 if val_acc > best["val_acc"]:  # keep the best-validation weights, for the test
                     best = {"val_acc": val_acc, "epoch": epoch + 1, "train_acc": train_acc,
                             "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-                print(f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {train_loss:.4f} acc {train_acc:.4f} | val "
-                      f"loss {val_loss:.4f} acc {val_acc:.4f} | grad entry {flows[-1]['entry.0.weight']:.2e}", flush=True)
+                print(f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {train_loss:.4f} acc {train_acc:.4f} | val loss "
+                      f"{val_loss:.4f} acc {val_acc:.4f} | grad entry {flows[-1]['entry.0.weight']:.2e}", flush=True)
                 checkpoint(done)
-        if STOP:
-            checkpoint(done)
-            raise interrupted(done, ckpt_path, cfg)
+        stop_if_asked(done, checkpoint, ckpt_path, cfg)
     if stop_at < steps:
         checkpoint(stop_at)
         return paused(stop_at, cfg)
@@ -822,7 +816,7 @@ def gradflow(cfg):
     (splits, train_id), classes = load_cifar_splits(cfg, hw.device), data.CIFAR[cfg.dataset]["classes"]
     print(f"gradflow | {cfg.dataset} train {len(splits[0][0])}, val {len(splits[1][0])}, test {len(splits[2][0])}"
           f" | {cfg.epochs} epochs of {len(splits[0][0]) // cfg.batch_size} steps")
-    claim_folder(cfg, "gradflow", len(splits[0][0]), {os.path.join(d, "ckpt.pt"): c for _, c, dirs in plan for d in dirs})
+    claim_folder(cfg, "gradflow", len(splits[0][0]), {os.path.join(d, "ckpt.pt"): c for _, c, ds in plan for d in ds})
     rows = []
     for config, run_cfg, run_dirs in plan:
         print(f"=== {config.name}: > Number of parameters "
@@ -1012,9 +1006,12 @@ def on_signal(signum, frame):
     STOP.append(signum)
     print("\nstopping after this step (Ctrl-C again to abort without saving)", flush=True)
 
-def interrupted(done, ckpt_path, cfg):
-    return UserError(f"interrupted after step {done:,}; checkpoint saved in {ckpt_path}, continue with "
-                     f"--resume --out {cfg.out}")
+def stop_if_asked(done, checkpoint, ckpt_path, cfg):
+    """After every step: once Ctrl-C has been pressed, checkpoint the steps taken and end in one line."""
+    if STOP:
+        checkpoint(done)
+        raise UserError(f"interrupted after step {done:,}; checkpoint saved in {ckpt_path}, continue with "
+                        f"--resume --out {cfg.out}")
 
 def stop_point(pause_at, done, total):
     """Where this call stops: --pause-at if given, else the end. A pause at or before the checkpoint
@@ -1067,8 +1064,9 @@ def load_checkpoint(path, command, cfg, adopt=False, data_id=None):
         raise UserError(f"{path} was trained with {flags(trained)}, not {flags(today)}; resume with "
                         f"the values it was trained with, or start a new --out")
     if data_id and ck.get("data_id") != data_id:
-        raise UserError(f"{path} was trained on another training set than --data-dir {data.data_root(cfg.data_dir or None)}"
-                        f" holds; point --data-dir at the data it was trained on, or start a new --out")
+        raise UserError(f"{path} was trained on another training set than --data-dir "
+                        f"{data.data_root(cfg.data_dir or None)} holds; point it at the data the run was trained on, "
+                        f"or start a new --out")
     return ck
 
 def resume_from(path, command, cfg, objects, data_id, **fresh):
@@ -1434,7 +1432,7 @@ def report_generator_scaling(rep, points, real):
     rep.table(f"Generator: complete runs at batch {batch} (each with its own schedule), mean ± std over seeds", [
         {"steps": f"{steps:,}", "seeds": len(runs), **{label: text(key, scale, runs.values())
                                                        for label, key, scale in keys}} for steps, runs in chosen]
-        + ([{"steps": "real test images", "seeds": "", **{label: f"{scale * real[key]:.3f}"
+        + ([{"steps": real.get("run", "real images"), "seeds": "", **{label: f"{scale * real[key]:.3f}"
                                                           for label, key, scale in keys}}] if real else []))
     for name, group in (("quality", keys[:-1]), ("fd", keys[-1:])):
         what, (xs, lines) = "realism and diversity" if name == "quality" else group[0][0], mean_lines(chosen, group)
@@ -1444,7 +1442,7 @@ def report_generator_scaling(rep, points, real):
                   f"{batch})", "steps (log scale; log10 in the CSV)", "fraction" if name == "quality" else "distance",
                   xlabels=[(x, f"{v:,}") for x, (v, _) in zip(xs, chosen)])
         rep.figure(f"generator_{name}.png", f"Generator {what} of complete runs against steps (mean ± std over "
-                                            f"seeds); pale: the real test images.")
+                                            f"seeds); pale: real images, scored alike.")
 
 def report_generator(rep, m, folder):
     rep.line(f"Generator ({m['config']['dataset']})", heading=True)
@@ -1582,8 +1580,8 @@ def bench(cfg):
     print_table([{"command": r["command"], "what": r["what"], "ms each": f"{1000 * r['seconds_each']:.1f}",
                   "per second": f"{1 / r['seconds_each']:,.1f}", "count": f"{r['count']:,}",
                   "time for the count": fmt_time(r["seconds_each"] * r["count"])} for r in rows])
-    save_json(os.path.join(cfg.out, "bench.json"), {"command": "bench", "device": str(dev), "mixed_precision": hw.precision,
-                                                    "torch": torch.__version__, "rows": rows})
+    save_json(os.path.join(cfg.out, "bench.json"), {"command": "bench", "device": str(dev), "rows": rows,
+                                                    "mixed_precision": hw.precision, "torch": torch.__version__})
     print(f"wrote {cfg.out}/bench.json (count: the steps of a full run, or the samples / images FID needs)")
 
 # ---------------------------------------------------------------------------------------------

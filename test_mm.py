@@ -4,8 +4,8 @@ Offline, CPU only, seeded. Each test checks our code against a reference, a clos
 that a wrong program breaks. Downloads are tested against a local HTTP server on 127.0.0.1 that serves
 fixture files written here in the official formats; nothing here needs ../shared or the internet.
 """
-import atexit, concurrent.futures, contextlib, copy, csv, glob, hashlib, http.server, io, itertools, json, math, os
-import pickle, shutil, subprocess, sys, tarfile, tempfile, threading, time, traceback, types, zipfile
+import atexit, contextlib, copy, csv, glob, hashlib, http.server, io, itertools, json, math, os
+import pickle, shutil, signal, subprocess, sys, tarfile, tempfile, threading, time, traceback, types, zipfile
 from dataclasses import replace
 from unittest import mock
 
@@ -95,8 +95,8 @@ def cifar_tar_bytes(n_train=20, n_test=10, seed=0, smooth=False, name="cifar100"
                       if smooth else rng.integers(0, 256, (n, 3072), dtype=np.uint8))
             labels = rng.integers(0, spec["classes"], n)
             for member, part in zip(spec[split], np.array_split(np.arange(n), len(spec[split]))):
-                tar_member(tar, f"{spec['folder']}/{member}", {b"data": pixels[part], spec["labels"]: labels[part].tolist(),
-                                                               b"filenames": [b"x.png"] * len(part), b"batch_label": b"b"})
+                batch = {b"data": pixels[part], spec["labels"]: labels[part].tolist(), b"batch_label": b"b"}
+                tar_member(tar, f"{spec['folder']}/{member}", batch)
     return buf.getvalue()
 
 def cifar_accepted(blob, name="cifar100", **spec):
@@ -239,27 +239,6 @@ def test_tta_views_shift_in_background_and_never_wrap():
         assert torch.equal(view, expected), (dy, dx)
     assert len(seen) == 5 and torch.equal(seen[0], x) and (seen[1][:, :, 0] == -0.42).all()  # (1, 0): top row empty
 
-def test_budgets_refused_unless_penalty_accepted():
-    p = mm.budget_penalty
-    assert p(99_999, 100_000, False) == 0 and p(100_000, 100_000, False) == 5  # "< 100,000"
-    assert p(110_000, 100_000, False) == 5 and p(150_000, 100_000, False) == 25  # the coursework's examples
-    assert p(110_001, 100_000, False) == 10  # part of a further 10 % costs 5 more
-    assert p(10_000, 10_000, True) == 0 and p(10_001, 10_000, True) == 5 and p(20_000, 10_000, True) == 50
-    assert mm.count_params(mm.DigitSumNet(mm.ClassifyConfig().arch)) < mm.CLASSIFY_PARAM_LIMIT  # the default fits
-    root = write_addnist(tmpdir())
-    big = tiny_cfg(root, tmpdir(), arch="64,M,128,M,128")
-    expect_error(lambda: quiet(mm.classify, big), "parameters", "--allow-penalty", "-")
-    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, tmpdir(), steps=10_001)), "10,001", "-5 marks")
-    # With the penalty accepted the run goes ahead and says what it costs. (Limit shrunk to keep it fast.)
-    with patched(mm, CLASSIFY_STEP_LIMIT=4):
-        m, out = quiet(mm.classify, tiny_cfg(root, tmpdir(), steps=6, allow_penalty=True))
-    assert "-25 marks" in out and m["steps"] == 6, out  # 6 steps is 50 % over 4: 5 x 5
-    croot, part = run_copy("generate", paused=True)
-    with tiny_cifar(root=croot):  # the generator's budgets, for a new run and a resumed one
-        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(croot, part, resume=True, steps=50_001)), "budget")
-        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(croot, tmpdir(), widths="64,128,256")), "1,000,000")
-        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(croot, tmpdir(), steps=50_001)), "50,001", "-5 marks")
-
 def test_augmentation_decays_linearly_to_nothing():
     seen, real = [], mm.augment_digits
     spy = lambda x, cfg, background, strength: seen.append(strength) or real(x, cfg, background, strength)
@@ -300,34 +279,6 @@ def test_seeded_runs_repeat_and_seed_k_of_many_equals_seed_k_alone():
     assert rows[0] == "label,x,y,band_low,band_high" and len(rows) == 1 + 2 * 2 * 2  # 2 runs x train/test x 2 evals
     assert all(len(r) == 5 for r in csv.reader(rows)) and rows[1].startswith('"train, seed 0",3,')  # quoted
 
-def test_paused_and_resumed_runs_equal_unbroken_ones():
-    # Paused after 3 steps (gradflow: within its first epoch of 5), then resumed: the same batches, noise and
-    # weights as straight through, and the same records.
-    for command, weights, record in (("gradflow", "model", "metrics.json"), ("generate", "ema", "samples.npz"),
-                                     ("classify", "model", "metrics.json")):
-        fn, make_cfg, _ = TINY[command]
-        (root, straight), (_, part) = run_copy(command), run_copy(command, paused=True)
-        with tiny_cifar(root=shared_data()[1]):
-            resumed, log = quiet(fn, make_cfg(root, part, resume=True))
-        a, b = (torch.load(glob.glob(os.path.join(d, "**", "ckpt.pt"), recursive=True)[0], weights_only=True)
-                for d in (straight, part))
-        assert "from step 3" in log and b["step"] == a["step"]  # 3 + the rest, not 3 + all
-        assert all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights])
-        files = [os.path.join(d, record) for d in (straight, part)]
-        if command == "generate":
-            assert np.array_equal(*(np.load(f)["images"] for f in files))  # the same samples
-        if command == "gradflow":
-            assert json.load(open(files[0]))["table"] == json.load(open(files[1]))["table"]
-    straight = json.load(open(files[0]))
-    assert resumed["per_run"][0]["curves"] == straight["per_run"][0]["curves"]
-    again, log = quiet(mm.classify, tiny_cfg(root, part, resume=True))  # finished: nothing is retrained
-    assert "already finished" in log and again["test_acc_mean"] == straight["test_acc_mean"]
-    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, part)), "--resume")  # never overwrites silently
-    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, part, resume=True, steps=10_001)), "budget")
-    first, log = quiet(mm.classify, tiny_cfg(root, fresh := tmpdir(), resume=True))  # one command: first run too
-    assert "holds no checkpoint yet; starting the run" in log and first["per_run"][0]["curves"] == \
-        straight["per_run"][0]["curves"] and json.load(open(os.path.join(fresh, "config.json")))["resume"]
-
 def test_train_only_runs_score_the_held_out_valid_split():
     root = write_addnist(tmpdir())
     m, log = quiet(mm.classify, tiny_cfg(root, out := tmpdir(), train_on="train"))
@@ -337,14 +288,6 @@ def test_train_only_runs_score_the_held_out_valid_split():
     model.load_state_dict(torch.load(os.path.join(out, "run0", "ckpt.pt"), weights_only=True)["ema"])
     x, y = (torch.from_numpy(a) for a in data.load_split("addnist", "valid", root))
     assert (m["per_run"][0]["valid_loss"], m["per_run"][0]["valid_acc"]) == mm.evaluate(model, x, y, tta=True)
-
-def test_every_flag_is_documented_in_help():
-    for command, cls in (("classify", mm.ClassifyConfig), ("gradflow", mm.GradflowConfig),
-                         ("generate", mm.GenerateConfig)):
-        r = subprocess.run([sys.executable, os.path.join(HERE, "mm.py"), command, "--help"], capture_output=True,
-                           text=True, timeout=120)
-        assert r.returncode == 0 and all("--" + f.name.replace("_", "-") in r.stdout for f in mm.fields(cls)), command
-        assert set(mm.field_help(cls)) == {f.name for f in mm.fields(cls)}  # every knob has its comment
 
 # ---------------------------------------------------------------------------------------------
 # The generator
@@ -372,6 +315,23 @@ class RecordingNet:
     def __call__(self, x, sigma, emb):
         self.seen = (x.detach(), sigma.detach())
         return x
+
+def test_power_ema_averages_the_run_with_width_sigma_rel():
+    # EDM2 Sec. 3.1: the power EMA weighs past time tau of a run of length t as tau^gamma, so the mean of
+    # w(tau) = tau is t (gamma+1)/(gamma+2), and the profile's std relative to t is sigma_rel.
+    for sigma_rel in (0.04, 0.10):
+        mean1, mean2, T = 0.0, 0.0, 20_000
+        for step in range(T):  # scalar weights w = t and w = t^2, averaged as ema_update does
+            beta = mm.power_ema_decay(sigma_rel, step)
+            t = (step + 1) / T
+            mean1, mean2 = beta * mean1 + (1 - beta) * t, beta * mean2 + (1 - beta) * t * t
+        gamma = np.roots([1, 7, 16 - sigma_rel ** -2, 12 - sigma_rel ** -2]).real.max()
+        assert abs(mean1 - (gamma + 1) / (gamma + 2)) < 1e-3, (sigma_rel, mean1)
+        assert abs(math.sqrt(mean2 - mean1 ** 2) / sigma_rel - 1) < 0.02, (sigma_rel, mean2 - mean1 ** 2)
+    assert mm.power_ema_decay(0.04, 0) == 0 and mm.power_ema_decay(0, 5000) == 0  # starts at the weights; 0 = off
+    # The same fraction of any run: the decay at the end of 2,000 steps is that of 50,000 steps, rescaled.
+    ends = [(1 - mm.power_ema_decay(0.04, steps - 1)) * steps for steps in (2000, 50_000)]  # both about gamma + 1
+    assert abs(ends[0] / ends[1] - 1) < 0.01, ends
 
 def test_forward_noising_and_label_dropout_match_their_distributions():
     torch.manual_seed(0)
@@ -576,6 +536,58 @@ def test_gradflow_runs_on_tiny_cifar_and_resumes():
     assert m["curves"]["epoch"] == [1, 2] and m["curves"]["lr"][0] == cfg.lr  # cosine starts at lr
     assert all(os.path.getsize(os.path.join(run, png)) > 1000 for png in ("gradflow.png", "curves.png"))
 
+# ---------------------------------------------------------------------------------------------
+# The run skeleton: a resumed run follows the schedule it started with, and every record tells the truth
+
+def test_budgets_refused_unless_penalty_accepted():
+    p = mm.budget_penalty
+    assert p(99_999, 100_000, False) == 0 and p(100_000, 100_000, False) == 5  # "< 100,000"
+    assert p(110_000, 100_000, False) == 5 and p(150_000, 100_000, False) == 25  # the coursework's examples
+    assert p(110_001, 100_000, False) == 10  # part of a further 10 % costs 5 more
+    assert p(10_000, 10_000, True) == 0 and p(10_001, 10_000, True) == 5 and p(20_000, 10_000, True) == 50
+    assert mm.count_params(mm.DigitSumNet(mm.ClassifyConfig().arch)) < mm.CLASSIFY_PARAM_LIMIT  # the default fits
+    root = write_addnist(tmpdir())
+    big = tiny_cfg(root, tmpdir(), arch="64,M,128,M,128")
+    expect_error(lambda: quiet(mm.classify, big), "parameters", "--allow-penalty", "-")
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, tmpdir(), steps=10_001)), "10,001", "-5 marks")
+    # With the penalty accepted the run goes ahead and says what it costs. (Limit shrunk to keep it fast.)
+    with patched(mm, CLASSIFY_STEP_LIMIT=4):
+        m, out = quiet(mm.classify, tiny_cfg(root, tmpdir(), steps=6, allow_penalty=True))
+    assert "-25 marks" in out and m["steps"] == 6, out  # 6 steps is 50 % over 4: 5 x 5
+    croot, part = run_copy("generate", paused=True)
+    with tiny_cifar(root=croot):  # the generator's budgets, for a new run and a resumed one
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(croot, part, resume=True, steps=50_001)), "budget")
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(croot, tmpdir(), widths="64,128,256")), "1,000,000")
+        expect_error(lambda: quiet(mm.generate, tiny_gen_cfg(croot, tmpdir(), steps=50_001)), "50,001", "-5 marks")
+
+def test_paused_and_resumed_runs_equal_unbroken_ones():
+    # Paused after 3 steps (gradflow: within its first epoch of 5), then resumed: the same batches, noise and
+    # weights as straight through, and the same records.
+    for command, weights, record in (("gradflow", "model", "metrics.json"), ("generate", "ema", "samples.npz"),
+                                     ("classify", "model", "metrics.json")):
+        fn, make_cfg, _ = TINY[command]
+        (root, straight), (_, part) = run_copy(command), run_copy(command, paused=True)
+        with tiny_cifar(root=shared_data()[1]):
+            resumed, log = quiet(fn, make_cfg(root, part, resume=True))
+        a, b = (torch.load(glob.glob(os.path.join(d, "**", "ckpt.pt"), recursive=True)[0], weights_only=True)
+                for d in (straight, part))
+        assert "from step 3" in log and b["step"] == a["step"]  # 3 + the rest, not 3 + all
+        assert all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights])
+        files = [os.path.join(d, record) for d in (straight, part)]
+        if command == "generate":
+            assert np.array_equal(*(np.load(f)["images"] for f in files))  # the same samples
+        if command == "gradflow":
+            assert json.load(open(files[0]))["table"] == json.load(open(files[1]))["table"]
+    straight = json.load(open(files[0]))
+    assert resumed["per_run"][0]["curves"] == straight["per_run"][0]["curves"]
+    again, log = quiet(mm.classify, tiny_cfg(root, part, resume=True))  # finished: nothing is retrained
+    assert "already finished" in log and again["test_acc_mean"] == straight["test_acc_mean"]
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, part)), "--resume")  # never overwrites silently
+    expect_error(lambda: quiet(mm.classify, tiny_cfg(root, part, resume=True, steps=10_001)), "budget")
+    first, log = quiet(mm.classify, tiny_cfg(root, fresh := tmpdir(), resume=True))  # one command: first run too
+    assert "holds no checkpoint yet; starting the run" in log and first["per_run"][0]["curves"] == \
+        straight["per_run"][0]["curves"] and json.load(open(os.path.join(fresh, "config.json")))["resume"]
+
 def test_interrupt_stops_at_the_next_step():
     root, out = write_addnist(tmpdir()), tmpdir()
     with patched(mm, STOP=[2]):  # as if Ctrl-C came during the first step
@@ -592,8 +604,22 @@ def test_interrupt_stops_at_the_next_step():
             expect_error(lambda: quiet(mm.generate, cfg), "interrupted while sampling", "--resume")
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == 1
 
-# ---------------------------------------------------------------------------------------------
-# The run skeleton: a resumed run follows the schedule it started with, and every record tells the truth
+def test_foreach_ema_equals_the_per_tensor_update():
+    torch.manual_seed(0)
+    model, ema = mm.VGG(8, bn=True), mm.VGG(8, bn=True)
+    model(torch.randn(4, 3, 32, 32))  # moves BN statistics and its integer counter
+    reference = {k: v.clone() for k, v in ema.state_dict().items()}
+    for k, m in model.state_dict().items():
+        reference[k] = reference[k].lerp(m, 1 - 0.9) if m.dtype.is_floating_point else m.clone()
+    mm.ema_update(ema, model, 0.9)
+    for k, v in ema.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+
+def test_ema_warm_up_reaches_its_decay():
+    # The warm-up (1+t)/(10+t) first reaches d at t = (10d - 1)/(1 - d): 8,990 for 0.999, 80 for 0.9.
+    for limit, first in ((0.999, 8990), (0.9, 80)):
+        assert mm.ema_decay(limit, first) == limit > mm.ema_decay(limit, first - 1)
+    assert mm.ema_decay(0.999, 0) == 0.1  # step 0 keeps 10 % of the random initial weights
 
 def counting_steps(optimizer_class):  # counts calls of optimizer_class.step: the steps a run really takes
     return mock.patch.object(optimizer_class, "step", autospec=True, side_effect=optimizer_class.step)
@@ -601,7 +627,8 @@ def counting_steps(optimizer_class):  # counts calls of optimizer_class.step: th
 REFUSED = [  # (command, field, value): a resume with another value would follow another schedule
     ("classify", "steps", 8), ("classify", "warmup_steps", 3), ("classify", "lr", 0.5), ("classify", "batch_size", 16),
     ("classify", "arch", "8,M,8"), ("classify", "seed", 5), ("classify", "elastic", 0.0),
-    ("classify", "train_on", "train"), ("generate", "lr", 0.5), ("generate", "warmup_fraction", 0.5), ("generate", "ema_length", 0.1),
+    ("classify", "train_on", "train"), ("generate", "lr", 0.5), ("generate", "warmup_fraction", 0.5),
+    ("generate", "ema_length", 0.1),
     ("generate", "batch_size", 4), ("generate", "p_uncond", 0.5), ("generate", "flip", False),
     ("gradflow", "epochs", 1), ("gradflow", "lr", 0.5)]
 
@@ -676,6 +703,18 @@ def test_another_commands_folder_is_refused_and_left_as_it_was():
     for command, folder in runs.items():  # each record names its command
         assert json.load(open(os.path.join(folder, "config.json")))["command"] == command
         assert json.load(open(os.path.join(folder, "metrics.json")))["command"] == command
+    # A folder an older mm.py wrote (its record names no command, as bench.json did) is refused by every
+    # command, saying so and what to do, and left as it was
+    old = tmpdir()
+    json.dump({"device": "cpu", "rows": []}, open(os.path.join(old, "bench.json"), "w"))
+    before = snapshot(old)
+    with tiny_cifar(root=cifar):
+        for fn, cfg in [(fn, make_cfg(root if c == "classify" else cifar, old)) for c, (fn, make_cfg, _) in
+                        TINY.items()] + [(mm.bench, mm.BenchConfig(out=old)), (mm.report, mm.ReportConfig(
+                            classify=runs["classify"], out=old)), (mm.report, mm.ReportConfig(generate=old))]:
+            expect_error(lambda: quiet(fn, cfg), "bench.json was not written by this mm.py", "an older one",
+                         "the mm.py that wrote it")
+    assert snapshot(old) == before
 
 def test_fp16_resume_and_sample_only_of_a_run_trained_without_fp16():
     # A T4 continues a run begun on a CPU or an A100: its checkpoint holds an empty GradScaler state,
@@ -789,8 +828,8 @@ NONDETERMINISTIC_MODULES = tuple(getattr(torch.nn, name) for name in (
     "MaxUnpool1d MaxUnpool2d MaxUnpool3d ReflectionPad1d ReflectionPad2d ReflectionPad3d NLLLoss CTCLoss").split())
 NONDETERMINISTIC_OPS = set(
     "avg_pool3d_backward _adaptive_avg_pool2d_backward _adaptive_avg_pool3d_backward adaptive_max_pool2d_backward "
-    "fractional_max_pool2d_backward fractional_max_pool3d_backward max_unpool2d max_unpool3d upsample_linear1d_backward "
-    "upsample_bilinear2d_backward upsample_bicubic2d_backward upsample_trilinear3d_backward reflection_pad1d_backward "
+    "fractional_max_pool2d_backward fractional_max_pool3d_backward max_unpool2d max_unpool3d "
+    "upsample_linear1d_backward upsample_bilinear2d_backward upsample_bicubic2d_backward upsample_trilinear3d_backward reflection_pad1d_backward "
     "reflection_pad2d_backward reflection_pad3d_backward nll_loss2d_forward _ctc_loss_backward "
     "_embedding_bag_backward put_ histc bincount median cumsum scatter_reduce grid_sampler_2d_backward".split())
 
@@ -839,40 +878,6 @@ def test_loops_have_no_per_step_sync_and_loads_stay_on_cpu():
     for loop in step_loops:
         check(loop, False)
 
-def test_foreach_ema_equals_the_per_tensor_update():
-    torch.manual_seed(0)
-    model, ema = mm.VGG(8, bn=True), mm.VGG(8, bn=True)
-    model(torch.randn(4, 3, 32, 32))  # moves BN statistics and its integer counter
-    reference = {k: v.clone() for k, v in ema.state_dict().items()}
-    for k, m in model.state_dict().items():
-        reference[k] = reference[k].lerp(m, 1 - 0.9) if m.dtype.is_floating_point else m.clone()
-    mm.ema_update(ema, model, 0.9)
-    for k, v in ema.state_dict().items():
-        assert torch.equal(v, reference[k]), k
-
-def test_power_ema_averages_the_run_with_width_sigma_rel():
-    # EDM2 Sec. 3.1: the power EMA weighs past time tau of a run of length t as tau^gamma, so the mean of
-    # w(tau) = tau is t (gamma+1)/(gamma+2), and the profile's std relative to t is sigma_rel.
-    for sigma_rel in (0.04, 0.10):
-        mean1, mean2, T = 0.0, 0.0, 20_000
-        for step in range(T):  # scalar weights w = t and w = t^2, averaged as ema_update does
-            beta = mm.power_ema_decay(sigma_rel, step)
-            t = (step + 1) / T
-            mean1, mean2 = beta * mean1 + (1 - beta) * t, beta * mean2 + (1 - beta) * t * t
-        gamma = np.roots([1, 7, 16 - sigma_rel ** -2, 12 - sigma_rel ** -2]).real.max()
-        assert abs(mean1 - (gamma + 1) / (gamma + 2)) < 1e-3, (sigma_rel, mean1)
-        assert abs(math.sqrt(mean2 - mean1 ** 2) / sigma_rel - 1) < 0.02, (sigma_rel, mean2 - mean1 ** 2)
-    assert mm.power_ema_decay(0.04, 0) == 0 and mm.power_ema_decay(0, 5000) == 0  # starts at the weights; 0 = off
-    # The same fraction of any run: the decay at the end of 2,000 steps is that of 50,000 steps, rescaled.
-    ends = [(1 - mm.power_ema_decay(0.04, steps - 1)) * steps for steps in (2000, 50_000)]  # both about gamma + 1
-    assert abs(ends[0] / ends[1] - 1) < 0.01, ends
-
-def test_ema_warm_up_reaches_its_decay():
-    # The warm-up (1+t)/(10+t) first reaches d at t = (10d - 1)/(1 - d): 8,990 for 0.999, 80 for 0.9.
-    for limit, first in ((0.999, 8990), (0.9, 80)):
-        assert mm.ema_decay(limit, first) == limit > mm.ema_decay(limit, first - 1)
-    assert mm.ema_decay(0.999, 0) == 0.1  # step 0 keeps 10 % of the random initial weights
-
 def test_precision_is_picked_per_device():
     out = lambda **kw: quiet(mm.pick_hardware, mm.ClassifyConfig(**kw))[0]
     assert out(device="cpu") == mm.Hardware(torch.device("cpu"), "fp32")  # bf16 convolutions are slow on a CPU
@@ -885,12 +890,13 @@ def test_precision_is_picked_per_device():
         assert quiet(mm.pick_hardware, mm.ClassifyConfig(device="cpu"), 100)[1].startswith("device cpu")
     # A user's CUBLAS_WORKSPACE_CONFIG that cuBLAS cannot be deterministic with: one line, before any matmul (a
     # GPU mocked; the cuDNN flags and the deterministic mode are put back as they were)
-    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
     with patched(torch.cuda, is_available=lambda: True, is_bf16_supported=lambda **kw: True), \
             mock.patch.dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":0:0"):
         expect_error(lambda: quiet(mm.pick_hardware, mm.ClassifyConfig()), "CUBLAS_WORKSPACE_CONFIG=:0:0", ":4096:8")
         assert quiet(mm.pick_hardware, mm.ClassifyConfig(deterministic=False))[0].precision == "bf16"
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[:2]
+    cudnn.deterministic, cudnn.benchmark = saved[:2]
     torch.use_deterministic_algorithms(saved[2])
     assert mm.grad_scaler(mm.Hardware(torch.device("cpu"), "fp16")).is_enabled()
     assert not mm.grad_scaler(mm.Hardware(torch.device("cpu"), "bf16")).is_enabled()
@@ -968,7 +974,7 @@ def test_scaling_report_pools_seeds_per_point_and_draws_both_axes():
     for name, steps, seed, both, fd in (("g6", 6, 0, 40.0, 3.0), ("g6s1", 6, 1, 50.0, 2.0), ("g12", 12, 0, 90, 1)):
         generate_run(name, steps, seed, [figures(both, fd, steps=steps, guidance=2.0, pixel_copy=0.01),
                                          figures(1.0, 9.0, steps=steps, guidance=3.0, pixel_copy=0.02)])
-    json.dump(figures(97.0, 0.7), open(os.path.join(folder, "real.json"), "w"))
+    json.dump(figures(97.0, 0.7, run="real test images"), open(os.path.join(folder, "real.json"), "w"))
     quiet(mm.report, mm.ReportConfig(scaling=folder, out=(out := tmpdir())))
     md = open(os.path.join(out, "report.md")).read()
     assert "| 6 | 2 | 0.450 ± 0.071 | 0.900 ± 0.000 | 0.800 ± 0.000 | 0.700 ± 0.000 | 2.500 ± 0.707 |" in md, md
@@ -1000,6 +1006,14 @@ def test_mean_band_uses_the_steps_every_run_has():
 # ---------------------------------------------------------------------------------------------
 # Misuse: every bad call gets one line on stderr, exit non-zero, and touches no file
 
+def test_every_flag_is_documented_in_help():
+    for command, cls in (("classify", mm.ClassifyConfig), ("gradflow", mm.GradflowConfig),
+                         ("generate", mm.GenerateConfig)):
+        r = subprocess.run([sys.executable, os.path.join(HERE, "mm.py"), command, "--help"], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0 and all("--" + f.name.replace("_", "-") in r.stdout for f in mm.fields(cls)), command
+        assert set(mm.field_help(cls)) == {f.name for f in mm.fields(cls)}  # every knob has its comment
+
 def snapshot(*folders):
     """{path: (size, md5)} of every file under the folders (missing folders included as absent)."""
     files = {}
@@ -1017,6 +1031,21 @@ def run_script(script, *args):
         env["MM_TRUST_LOCAL"] = "1"
     return subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True,
                           timeout=300, env=env, stdin=subprocess.DEVNULL)
+
+def exit_message(script, args):
+    """Run `script args` in-process through its main(), as run_script would: -> the message it exits with.
+    Returning without an exit fails; an exception other than SystemExit propagates (a traceback a user sees)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # mm.main() installs its own
+    trust = {"MM_TRUST_LOCAL": "1"} if script == "mm.py" else {}
+    try:
+        with mock.patch.dict(os.environ, trust), patched(sys, argv=[script, *args]):
+            quiet(mm.main, args) if script == "mm.py" else quiet(fid.main)
+    except SystemExit as e:
+        return str(e.code)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    raise AssertionError(f"{script} {args} did not fail")
 
 def test_bad_invocations_get_one_line_and_touch_nothing():
     (addnist, finished), (_, paused) = run_copy("classify"), run_copy("classify", paused=True)
@@ -1043,10 +1072,11 @@ def test_bad_invocations_get_one_line_and_touch_nothing():
     c = ["classify", "--data-dir", addnist, "--batch-size", "8"]  # the tiny sets hold fewer images than a batch
     g, v = ["generate", "--data-dir", cifar], ["gradflow", "--data-dir", cifar]
     bad_values = [(c, "--arch 32,X|--arch M,M,M,M,M,M|--steps 0|--batch-size 4096|--lr fast|--lr -1|--pause-at -3|"
-                      "--eval-train 0|--eval-train -5|--shift -2|--ema-decay 1.5|--ema-decay -0.5|--warmup-steps -10|--zoom 5"),
+                      "--eval-train 0|--eval-train -5|--shift -2|--ema-decay 1.5|--ema-decay -0.5|--warmup-steps -10|"
+                      "--zoom 5"),
                   (g, "--widths 0,0,0|--widths a,b,c|--blocks 0|--emb-dim 0|--p-uncond 5|--sigma-data 0|"
                       "--fid-samples 0|--dropout 2|--ema-length 0.5|--warmup-fraction 1000"), (v, "--depth 9")]
-    tiny_classify = ["--arch", "8,M,16", "--steps", "6", "--batch-size", "8", "--warmup-steps", "2", "--eval-train", "32"]
+    tiny_classify = "--arch 8,M,16 --steps 6 --batch-size 8 --warmup-steps 2 --eval-train 32".split()
     mm_cases = [(base + ["--out", fresh, *case.split()], case.split()[0])
                 for base, cases in bad_values for case in cases.split("|")] + [
         (g + ["--out", fresh, "--widths", "8,12,16"], "multiple of 8"), (["nonsense"], "invalid choice"),
@@ -1074,10 +1104,11 @@ def test_bad_invocations_get_one_line_and_touch_nothing():
     watched = [addnist, cifar, finished, paused, finished_vgg, gen, fresh, weights, not_png, *broken.values()]
     before = snapshot(*watched)
     jobs = [("mm.py", args, needle) for args, needle in mm_cases] + [("fid.py", a, n) for a, n in fid_cases]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # subprocesses: 4 at a time
-        results = list(pool.map(lambda job: run_script(job[0], *job[1]), jobs))
-    for (script, args, needle), r in zip(jobs, results):
-        one_line_error(r, needle)
+    for script, args, needle in jobs:  # in-process, through each script's main()
+        msg = exit_message(script, args)
+        assert msg.startswith("error:") and "\n" not in msg and needle in msg, (script, args, needle, msg)
+    for script, args, needle in (jobs[0], jobs[-1]):  # and as a user meets them: one stderr line, no traceback
+        one_line_error(run_script(script, *args), needle)
     after = snapshot(*watched)
     changed = sorted(set(before.items()) ^ set(after.items()))
     assert not changed and os.path.exists(weights), changed  # nothing created, changed or renamed
@@ -1282,6 +1313,15 @@ def test_features_run_without_tf32_and_restore_it():
         assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")  # restored
     finally:
         torch.backends.fp32_precision, matmul.fp32_precision, conv.fp32_precision = before
+    # A torch before 2.9 has only the legacy flags (stand-ins for its backends): switched off, then restored
+    old_matmul, old_cudnn = types.SimpleNamespace(allow_tf32=True), types.SimpleNamespace(allow_tf32=True)
+    class OldProbe(Probe):
+        def forward(self, x, dims, resize):
+            seen.append((old_matmul.allow_tf32, old_cudnn.allow_tf32))
+            return x.flatten(1)[:, :dims]
+    with patched(torch.backends.cuda, matmul=old_matmul), patched(torch.backends, cudnn=old_cudnn):
+        fid.inception_features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), OldProbe(), dims=64, quiet=True)
+    assert seen[-1] == (False, False) and old_matmul.allow_tf32 and old_cudnn.allow_tf32
 
 def test_inception_weights_download_and_strict_load():
     torch.manual_seed(0)
