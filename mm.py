@@ -1109,28 +1109,28 @@ def claim_folder(cfg, command, n_train=None, checkpoints=None):
     command (n_train given), the batch is larger than the training set, or the folder holds a run (a
     checkpoint below it) without --resume, or a checkpoint to continue ({path: its config}) was trained with
     other values. --resume on a folder with no run starts one, and says so: one command serves the first
-    run and every re-run. Then the folder is made, and a new run's config.json written. -> resuming"""
+    run and every re-run. Then the folder is made, and a new run's config.json written (--sample-only
+    writes beside the run it samples, and keeps its config.json)."""
     recorded_command(cfg.out, command)
-    resuming = False
-    if n_train is not None:
+    new_run = n_train is not None and not getattr(cfg, "sample_only", False)
+    if new_run:
         if n_train < cfg.batch_size:
             raise UserError(f"--batch-size {cfg.batch_size} is larger than the {n_train:,} training images")
-        found = glob.glob(os.path.join(glob.escape(cfg.out), "**", "ckpt.pt"), recursive=True)
-        resuming = bool(found) and not getattr(cfg, "sample_only", False)  # --sample-only writes beside its run
-        if resuming and not cfg.resume:
+        has_run = bool(glob.glob(os.path.join(glob.escape(cfg.out), "**", "ckpt.pt"), recursive=True))
+        if has_run and not cfg.resume:
             raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
-        if cfg.resume and not resuming:
+        if cfg.resume and not has_run:
             print(f"--resume: {cfg.out} holds no checkpoint yet; starting the run")
         for path, run_cfg in (checkpoints or {}).items():
             if os.path.exists(path):
                 load_checkpoint(path, command, run_cfg)
+        new_run = not has_run
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot write results under {cfg.out} ({e.strerror or e}); choose another --out") from None
-    if n_train is not None and not resuming and not getattr(cfg, "sample_only", False):
+    if new_run:
         save_json(os.path.join(cfg.out, "config.json"), dict(command=command, **asdict(cfg)))
-    return resuming
 
 def save_json(path, obj):
     """Write JSON atomically (a .tmp renamed into place): a reader never sees half a file."""
