@@ -308,7 +308,7 @@ class GenerateConfig(RunConfig):
     p_uncond: float = 0.1  # probability of dropping the label (trains the unconditional model too)
     flip: bool = True  # random horizontal flips of the training images (--no-flip where a mirror changes meaning)
     sampler_steps: int = 18  # Heun steps (NFE = 2 steps - 1, doubled when guidance != 1)
-    guidance: float = 1.6  # classifier-free guidance scale w (1: unguided, half the sampler's work)
+    guidance: float = 3.5  # classifier-free guidance scale w (1: unguided, half the sampler's work)
     fid_samples: int = 10_000  # samples drawn for FID and samples.npz (at least the grid's 64)
     sample_batch: int = 1000  # samples per sampler call
 
